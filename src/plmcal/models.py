@@ -1,0 +1,135 @@
+"""Model specifications from the ``pair`` config and loading of one model at a time."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plmcal import assets
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSpecError(ValueError):
+    """A model entry of the pair config is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one model comes from and how it is loaded."""
+
+    name: str
+    source: str  # embedded | hub | local
+    embedded: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    adapter: str | None = None  # folder of a PEFT adapter merged into the weights after loading
+    dtype: str = "float32"
+    device_map: str | None = None  # e.g. "auto" for a model larger than one GPU
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "ModelSpec":
+        spec = cls(**{k: cfg.get(k) for k in cls.__dataclass_fields__ if cfg.get(k) is not None})
+        if spec.source not in ("embedded", "hub", "local"):
+            raise ModelSpecError(f"model {spec.name!r}: source={spec.source!r} is invalid; use embedded, hub or local.")
+        if spec.source == "embedded" and spec.embedded not in assets.GGUF_SOURCES:
+            raise ModelSpecError(
+                f"model {spec.name!r}: embedded={spec.embedded!r} is unknown; expected one of {sorted(assets.GGUF_SOURCES)}."
+            )
+        if spec.source == "hub" and not spec.hub_id:
+            raise ModelSpecError(f"model {spec.name!r}: source=hub needs `hub_id`.")
+        if spec.source == "local" and not (spec.path and Path(spec.path).exists()):
+            raise ModelSpecError(f"model {spec.name!r}: local path {spec.path!r} does not exist.")
+        if spec.dtype not in DTYPES:
+            raise ModelSpecError(f"model {spec.name!r}: dtype={spec.dtype!r} is invalid; use one of {sorted(DTYPES)}.")
+        if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").exists():
+            raise ModelSpecError(
+                f"model {spec.name!r}: adapter folder {spec.adapter!r} has no adapter_config.json; "
+                "run experiments/post_train.py or fix the path."
+            )
+        return spec
+
+    def identity(self, cache_dir: str | None = None) -> dict:
+        """Return what identifies the weights, for the read-out cache key."""
+        if self.source == "embedded":
+            ident = {"embedded": self.embedded, "sha256": assets.EMBEDDED_SHA256[self.embedded]}
+        elif self.source == "hub":
+            # NOTE: an unpinned revision follows the hub's main branch, so a cached read-out can go stale.
+            ident = {"hub_id": self.hub_id, "revision": self.revision or "unpinned"}
+        else:
+            ident = {"path": str(Path(self.path).resolve()), "weights": _folder_fingerprint(Path(self.path))}
+        if self.adapter:
+            ident["adapter_sha256"] = _folder_fingerprint(Path(self.adapter), pattern="adapter_*")
+        return ident
+
+
+def _folder_fingerprint(folder: Path, pattern: str = "*") -> str:
+    """Hash the small files fully and the large ones by name and size (weights of 7B+ models)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob(pattern)):
+        if not path.is_file():
+            continue
+        digest.update(path.name.encode())
+        if path.stat().st_size < 64 << 20:
+            digest.update(path.read_bytes())
+        else:
+            digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:20]
+
+
+def load(spec: ModelSpec, cache_dir: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """Load the model and tokenizer of one spec (weights frozen, eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.source == "embedded":
+        location, kwargs = str(assets.converted_model_dir(spec.embedded, cache_dir)), {}
+    elif spec.source == "hub":
+        location, kwargs = spec.hub_id, {"revision": spec.revision}
+    else:
+        location, kwargs = spec.path, {}
+    log.info("Loading %s from %s (%s)", spec.name, location, spec.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        location,
+        dtype=DTYPES[spec.dtype],
+        device_map=spec.device_map,
+        trust_remote_code=spec.trust_remote_code,
+        **kwargs,
+    )
+    if spec.adapter:
+        from peft import PeftModel
+
+        log.info("Merging adapter %s into %s", spec.adapter, spec.name)
+        model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    if spec.device_map is None:
+        model = model.to(device)
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def release(model: Any) -> None:
+    """Drop a model so that the next one never shares memory with it."""
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def describe(model: Any) -> dict:
+    config = model.config
+    return {
+        "architecture": type(model).__name__,
+        "num_layers": int(getattr(config, "num_hidden_layers", -1)),
+        "vocab_size": int(getattr(config, "vocab_size", -1)),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }

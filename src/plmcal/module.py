@@ -1,0 +1,141 @@
+"""LightningModule that learns one temperature for the PoLM from the pair's cached read-outs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from plmcal import losses
+
+log = logging.getLogger(__name__)
+
+# Field order of the tensors in each batch.
+FIELDS = ("plm_final", "polm_final", "labels", "plm_lens", "polm_lens", "pdl")
+
+# Settings of the official DACA optimisation loop (calibration/optimization.py of the DACA code).
+DACA_FAITHFUL = {"parametrization": "raw", "init_temperature": 1.0, "optimizer": "adam", "lr": 0.1, "epochs": 400, "batch_size": 256}
+
+
+class TemperatureCalibrator(L.LightningModule):
+    """Holds the learnable temperature and computes the configured method's loss on a batch.
+
+    parametrization="log" learns log T (T stays positive); "raw" learns T itself with no
+    constraint, as the official DACA code does.
+    """
+
+    def __init__(self, method: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"method": method})
+        self.method = method
+        init = float(method.get("init_temperature", 1.0))
+        if not math.isfinite(init) or init <= 0:
+            raise ValueError(f"method.init_temperature={init!r} is invalid; use a positive number.")
+        self.parametrization = method.get("parametrization", "log")
+        if self.parametrization == "log":
+            self.raw = torch.nn.Parameter(torch.tensor(math.log(init)))
+        elif self.parametrization == "raw":
+            self.raw = torch.nn.Parameter(torch.tensor(init))
+        else:
+            raise ValueError(f"method.parametrization={self.parametrization!r} is invalid; use 'log' or 'raw'.")
+        self.automatic_optimization = True
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.raw.exp() if self.parametrization == "log" else self.raw
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        kind, t = self.method["loss"], self.temperature
+        if kind == "nll":
+            return losses.nll_loss(batch["polm_final"], batch["labels"], t), {}
+        if kind == "daca":
+            if self.method.get("mode", "robust") == "faithful":
+                return losses.daca_loss_faithful(batch["plm_final"], batch["polm_final"], t), {}
+            return losses.daca_loss(batch["plm_final"], batch["polm_final"], t), {}
+        if kind == "match_all":
+            return losses.match_all_loss(batch["plm_final"], batch["polm_final"], t), {}
+        if kind == "dual_align":
+            return losses.dual_align_loss(
+                batch["plm_lens"],
+                batch["polm_lens"],
+                t,
+                lam=float(self.method["lam"]),
+                temperature_scope=self.method["temperature_scope"],
+                ise_aggregation=self.method["ise_aggregation"],
+                weighting=self.method["weighting"],
+                weight_fn=self.method["weight_fn"],
+                pdl=batch["pdl"],
+                terms=self.method.get("terms", "both"),
+            )
+        raise ValueError(f"method.loss={kind!r} is invalid; use nll, daca, match_all or dual_align.")
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        named = dict(zip(FIELDS, batch))
+        loss, parts = self.loss(named)
+        size = named["labels"].shape[0]
+        self.log("fit/loss", loss, on_step=True, on_epoch=False, batch_size=size)
+        self.log("fit/temperature", self.temperature.detach(), on_step=True, on_epoch=False, batch_size=size)
+        for name, value in parts.items():
+            self.log(f"fit/{name}", value, on_step=True, on_epoch=False, batch_size=size)
+        return loss
+
+    def configure_optimizers(self):
+        name, lr = self.method["optimizer"], float(self.method["lr"])
+        if name == "adam":
+            return torch.optim.Adam([self.raw], lr=lr)
+        if name == "sgd":
+            return torch.optim.SGD([self.raw], lr=lr)
+        if name == "lbfgs":
+            return torch.optim.LBFGS([self.raw], lr=lr, max_iter=int(self.method.get("max_iter", 100)), line_search_fn="strong_wolfe")
+        raise ValueError(f"method.optimizer={name!r} is invalid; use adam, sgd or lbfgs.")
+
+
+def make_loader(tensors: dict[str, torch.Tensor], batch_size: int | None, seed: int) -> DataLoader:
+    """Build a shuffled loader over the calibration rows; ``batch_size=None`` means one full batch."""
+    n = tensors["labels"].shape[0]
+    dataset = TensorDataset(*(tensors[name] for name in FIELDS))
+    size = n if batch_size is None else int(batch_size)
+    if size < 1:
+        raise ValueError(f"method.batch_size={batch_size!r} is invalid; use a positive count or null.")
+    return DataLoader(dataset, batch_size=size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
+    """Fit the temperature with a Lightning Trainer; return (T, per-step losses)."""
+    L.seed_everything(seed, workers=False, verbose=False)
+    module = TemperatureCalibrator(method)
+    if method.get("mode") == "faithful":
+        drift = {k: method.get(k) for k, v in DACA_FAITHFUL.items() if method.get(k) != v}
+        if drift:
+            log.warning("DACA faithful mode with settings that differ from the official code: %s", drift)
+    recorder = _LossRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=int(method.get("epochs", 1)),
+        logger=logger,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        log_every_n_steps=int(method.get("log_every_n_steps", 10)),
+        callbacks=[recorder],
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=make_loader(tensors, method.get("batch_size"), seed))
+    temperature = float(module.temperature.detach())
+    if not math.isfinite(temperature):
+        raise FloatingPointError(f"{method['name']}: the fitted temperature is {temperature}; lower method.lr or change the optimizer.")
+    return temperature, recorder.losses
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))

@@ -1,0 +1,276 @@
+"""One calibration job: read out both models (cached), split, fit a temperature, evaluate."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from plmcal import data, lens, losses, metrics, models
+from plmcal.cache import ReadoutCache
+from plmcal.module import fit_temperature
+from plmcal.prompt import PromptSpec, build_prompts, split_fewshot
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(ValueError):
+    """The pair, data or read-outs cannot support the requested method."""
+
+
+@dataclass
+class Readout:
+    """The cached read-out of one model on one dataset."""
+
+    spec: models.ModelSpec
+    tensors: dict[str, torch.Tensor]
+    option_ids: list[int]
+    key: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.tensors["lens_option_logits"].shape[1]) if "lens_option_logits" in self.tensors else 0
+
+
+def library_versions() -> dict[str, str]:
+    return {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+
+
+def daca_split(n: int, test_size: float = 0.7, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Return (calibration, test) indices exactly as ``sklearn.model_selection.train_test_split``.
+
+    Re-implemented (ShuffleSplit's draw: test = ceil(test_size * n), one permutation from
+    ``np.random.RandomState(seed)``, test first) so that sklearn stays a test-only dependency; a test
+    checks equality with sklearn.
+    """
+    if not 0.0 < test_size < 1.0:
+        raise PipelineError(f"split.test_size={test_size!r} is invalid; use a fraction in (0, 1).")
+    n_test = int(np.ceil(test_size * n))
+    n_calibration = n - n_test
+    if n_calibration < 1 or n_test < 1:
+        raise PipelineError(f"{n} questions cannot be split with test_size={test_size}; use more questions.")
+    permutation = np.random.RandomState(seed).permutation(n)
+    return permutation[n_test : n_test + n_calibration], permutation[:n_test]
+
+
+def check_option_tokens(pair_tokenizers: dict[str, Any], option_strings: list[str]) -> dict[str, list[int]]:
+    """Resolve option ids in each tokenizer and reject letters that decode differently across them."""
+    resolved = {name: lens.resolve_option_ids(tok, option_strings, name) for name, tok in pair_tokenizers.items()}
+    decoded = {name: [tok.decode([i]) for i in resolved[name]] for name, tok in pair_tokenizers.items()}
+    reference_name, reference = next(iter(decoded.items()))
+    for name, strings in decoded.items():
+        if strings != reference:
+            raise lens.LensError(
+                f"option tokens differ between tokenizers: {reference_name!r} reads {reference}, {name!r} reads "
+                f"{strings}. Both models must score the same option strings; change `prompt.option_token`."
+            )
+    return resolved
+
+
+def check_finite(readout: Readout, dataset: str, rows: list[data.MCQuestion]) -> None:
+    """Raise when any read-out value is NaN or +-inf outside the absent-option columns."""
+    n_options = readout.tensors["n_options"]
+    for name in ("final_option_logits", "lens_option_logits"):
+        if name not in readout.tensors:
+            continue
+        values = readout.tensors[name]
+        k = values.shape[-1]
+        present = torch.arange(k)[None, :] < n_options[:, None]  # (N, K)
+        if values.ndim == 3:
+            present = present[:, None, :].expand_as(values)
+        bad = ~torch.isfinite(values) & present
+        if bad.any():
+            rows_bad = bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+            ids = [rows[i].id for i in rows_bad[:5]]
+            raise PipelineError(
+                f"{readout.spec.name} on {dataset}: {len(rows_bad)} questions have NaN/inf in {name} (first ids: {ids}). "
+                f"The cached read-out is kept for inspection; a float16/bfloat16 overflow is the usual cause, so try "
+                f"`pair.{{plm,polm}}.dtype=float32`."
+            )
+
+
+def read_out(
+    spec: models.ModelSpec,
+    rows: list[data.MCQuestion],
+    exemplars: list[data.MCQuestion],
+    prompt: PromptSpec,
+    option_ids: list[int],
+    settings: lens.ReadoutSettings,
+    cache: ReadoutCache,
+    dataset_key: dict,
+    cache_dir: str | None,
+    device: str,
+) -> Readout:
+    """Return the model's read-out on ``rows``, from the cache or from one forward pass per question."""
+    key = {
+        "model": spec.name,
+        "weights": spec.identity(cache_dir),
+        "dtype": spec.dtype,
+        "dataset": dataset_key["name"],
+        "data": dataset_key,
+        "prompt": {"name": prompt.name, "version": prompt.version, "digest": prompt.digest()},
+        "exemplars": [row.id for row in exemplars],
+        "readout": settings.key(),
+        "libraries": library_versions(),
+    }
+    tensors = cache.load(key)
+    if tensors is None:
+        model, tokenizer = models.load(spec, cache_dir, device)
+        try:
+            prompts = build_prompts(tokenizer, rows, prompt, exemplars)
+            started = time.perf_counter()
+            tensors = lens.extract(
+                model,
+                tokenizer,
+                prompts,
+                option_ids,
+                [len(row.options) for row in rows],
+                settings,
+                add_special_tokens=not prompt.chat_template,  # a chat template already inserts BOS
+                description=f"{spec.name} on {dataset_key['name']}",
+            )
+            seconds = time.perf_counter() - started
+            log.info("%s: %d questions read out in %.1f s (%.2f questions/s)", spec.name, len(rows), seconds, len(rows) / seconds)
+            cache.save(key, tensors, extra={"seconds": seconds, "model": models.describe(model), "option_ids": option_ids})
+        finally:
+            models.release(model)
+    return Readout(spec, tensors, option_ids, key)
+
+
+def option_mass(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) probability mass that the full next-token distribution puts on the option tokens."""
+    option_lse = torch.logsumexp(losses.fill_absent(tensors["final_option_logits"]), dim=-1)
+    return (option_lse - tensors["final_logsumexp"]).exp()
+
+
+def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(losses.fill_absent(logits) / temperature, dim=-1)
+
+
+def pdl_for(plm: Readout, polm: Readout, support: str) -> torch.Tensor:
+    """Peak divergence layer per question, from option-only or full-vocabulary (K + 1 bins) support."""
+    plm_lens, polm_lens = plm.tensors["lens_option_logits"], polm.tensors["lens_option_logits"]
+    if support == "options":
+        return losses.peak_divergence_layer(losses.layer_divergence(plm_lens, polm_lens))
+    if support == "full_vocab":
+        if "lens_logsumexp" not in plm.tensors or "lens_logsumexp" not in polm.tensors:
+            raise PipelineError("method.pdl_support=full_vocab needs readout.full_vocab_lse=true.")
+        divergence = losses.jensen_shannon(_with_rest(plm_lens, plm.tensors["lens_logsumexp"]), _with_rest(polm_lens, polm.tensors["lens_logsumexp"]))
+        return losses.peak_divergence_layer(divergence)
+    raise PipelineError(f"method.pdl_support={support!r} is invalid; use 'options' or 'full_vocab'.")
+
+
+def _with_rest(lens_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(N, L, K+1) log-probabilities over the options plus one bin for the rest of the vocabulary."""
+    log_options = losses.fill_absent(lens_logits) - lse[..., None]
+    rest = (1.0 - log_options.exp().sum(dim=-1)).clamp(min=1e-12).log()
+    return torch.cat([log_options, rest[..., None]], dim=-1)
+
+
+def evaluate(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, float]:
+    return metrics.summarize(probs, labels, n_bins)
+
+
+def run_calibration(
+    method: dict[str, Any], plm: Readout, polm: Readout, labels: torch.Tensor, split: dict[str, Any], seed: int, n_bins: int = 10, logger: Any = False
+) -> dict[str, Any]:
+    """Split, fit the method's temperature on the calibration part, evaluate on the test part."""
+    n = labels.shape[0]
+    calibration_index, test_index = daca_split(n, float(split.get("test_size", 0.7)), int(split.get("seed", 1)))
+    calibration_index, test_index = torch.as_tensor(calibration_index), torch.as_tensor(test_index)
+    plm_final, polm_final = plm.tensors["final_option_logits"], polm.tensors["final_option_logits"]
+    agree = losses.agreement(plm_final, polm_final)
+    name = method["name"]
+
+    tensors: dict[str, torch.Tensor] = {
+        "plm_final": plm_final[calibration_index],
+        "polm_final": polm_final[calibration_index],
+        "labels": labels[calibration_index],
+    }
+    needs_lens = method.get("loss") == "dual_align"
+    if needs_lens:
+        if plm.n_layers == 0 or polm.n_layers == 0:
+            raise PipelineError(f"{name} needs per-layer read-outs; set readout.lens=true.")
+        if plm.n_layers != polm.n_layers:
+            raise PipelineError(
+                f"{name} needs PLM and PoLM of equal depth, got {plm.spec.name} with {plm.n_layers} layers and "
+                f"{polm.spec.name} with {polm.n_layers}. Use a same-family pair, or a final-layer method (vanilla, ts_oracle, daca)."
+            )
+        pdl = pdl_for(plm, polm, method.get("pdl_support", "options"))
+        tensors |= {
+            "plm_lens": plm.tensors["lens_option_logits"][calibration_index],
+            "polm_lens": polm.tensors["lens_option_logits"][calibration_index],
+            "pdl": pdl[calibration_index],
+        }
+    else:
+        empty = torch.zeros(len(calibration_index), 1, 1)
+        tensors |= {"plm_lens": empty, "polm_lens": empty, "pdl": torch.zeros(len(calibration_index), dtype=torch.long)}
+
+    n_agree = int(agree[calibration_index].sum())
+    uses_agreement = method.get("loss") == "daca" or (needs_lens and method.get("terms", "both") != "process")
+    if uses_agreement and n_agree == 0:
+        raise losses.EmptyAgreementError(
+            f"{name}: PLM and PoLM agree on none of the {len(calibration_index)} calibration questions, so the "
+            "confidence-alignment term has no sample. Use more questions, another pair, or method=ts_oracle."
+        )
+
+    fit_info: dict[str, Any] = {"steps": 0, "seconds": 0.0}
+    if method.get("fit", True):
+        started = time.perf_counter()
+        temperature, step_losses = fit_temperature(method, tensors, seed=seed, logger=logger)
+        fit_info = {
+            "steps": len(step_losses),
+            "seconds": time.perf_counter() - started,
+            "loss_first": step_losses[0] if step_losses else None,
+            "loss_last": step_losses[-1] if step_losses else None,
+        }
+    else:
+        temperature = 1.0
+
+    test_labels = labels[test_index]
+    before = tempered_probs(polm_final[test_index], 1.0)
+    after = tempered_probs(polm_final[test_index], temperature)
+    plm_probs = tempered_probs(plm_final[test_index], 1.0)
+    result = {
+        "method": name,
+        "temperature": temperature,
+        "n_calibration": len(calibration_index),
+        "n_test": len(test_index),
+        "test": evaluate(after, test_labels, n_bins),
+        "test_uncalibrated": evaluate(before, test_labels, n_bins),
+        "plm_test": evaluate(plm_probs, test_labels, n_bins),
+        "diagnostics": {
+            "agreement_rate": float(agree[test_index].float().mean()),
+            "agreement_rate_calibration": n_agree / len(calibration_index),
+            "option_mass_plm": float(option_mass(plm.tensors)[test_index].mean()),
+            "option_mass_polm": float(option_mass(polm.tensors)[test_index].mean()),
+            "greedy_is_option_plm": float(plm.tensors["greedy_is_option"][test_index].float().mean()),
+            "greedy_is_option_polm": float(polm.tensors["greedy_is_option"][test_index].float().mean()),
+        },
+        "fit": fit_info,
+        "reliability": {
+            "before": metrics.reliability_bins(before.max(dim=-1).values, (before.argmax(-1) == test_labels).double(), n_bins),
+            "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
+        },
+    }
+    if not torch.equal(before.argmax(-1), after.argmax(-1)):
+        raise PipelineError(f"{name}: temperature {temperature} changed a prediction; this is a bug, please report it.")
+    return result
+
+
+def prepare_questions(dataset_cfg: Any, prompt: PromptSpec, cache_dir: str | None) -> tuple[list[data.MCQuestion], list[data.MCQuestion], dict]:
+    rows = data.load_questions(dataset_cfg, cache_dir)
+    exemplars, rows = split_fewshot(rows, prompt)
+    dataset_key = {
+        "name": dataset_cfg.name,
+        "version": int(dataset_cfg.get("version", 1)),
+        "source": dataset_cfg.get("source", "offline"),
+        "fingerprint": data.fingerprint(rows),
+        "n": len(rows),
+    }
+    return rows, exemplars, dataset_key

@@ -1,0 +1,160 @@
+"""Hydra entry point: ``python -m plmcal.run [overrides]`` runs one calibration job.
+
+A multirun (``-m`` or an experiment that sets ``hydra.mode=MULTIRUN``) runs one job per sweep cell;
+the read-out cache makes every cell over the same (model, dataset, prompt) reuse one forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from plmcal import assets, lens, models, pipeline, report
+from plmcal.cache import ReadoutCache
+from plmcal.prompt import PromptSpec
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+OmegaConf.register_new_resolver("default_cache", lambda: str(assets.cache_root()), replace=True)
+
+
+class ConfigError(ValueError):
+    """A config group choice or value is invalid."""
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested config keys with slashes, as W&B's config panel shows them."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat |= flatten(value, name)
+        else:
+            flat[name] = value
+    return flat
+
+
+def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
+    if not cfg.logger.get("enabled", True):
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project=cfg.logger.project,
+        entity=cfg.logger.get("entity"),
+        mode=cfg.logger.mode,
+        dir=str(run_dir),
+        group=f"{cfg.pair.name}/{cfg.dataset.name}",
+        job_type=cfg.method.name,
+        name=f"{cfg.method.name}-{cfg.dataset.name}-{cfg.pair.name}-s{cfg.split.seed}",
+        tags=list(cfg.logger.get("tags") or []),
+        config=flatten(OmegaConf.to_container(cfg, resolve=True)),
+        reinit="finish_previous",
+    )
+
+
+def log_to_wandb(run: Any, result: dict, run_dir: Path) -> None:
+    import wandb
+
+    payload = {f"test/{k}": v for k, v in result["test"].items()}
+    payload |= {f"test_uncalibrated/{k}": v for k, v in result["test_uncalibrated"].items()}
+    payload |= {f"plm_test/{k}": v for k, v in result["plm_test"].items()}
+    payload |= {f"diag/{k}": v for k, v in result["diagnostics"].items()}
+    payload["fit/temperature_final"] = result["temperature"]
+    payload["reliability"] = wandb.Image(str(run_dir / "reliability.png"))
+    run.log(payload)
+    for key, value in payload.items():
+        if key != "reliability":
+            run.summary[key] = value
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``."""
+    started = time.perf_counter()
+    cache_dir = cfg.paths.cache_dir
+    prompt = PromptSpec.from_config(cfg.prompt)
+    plm_spec = models.ModelSpec.from_config(cfg.pair.plm)
+    polm_spec = models.ModelSpec.from_config(cfg.pair.polm)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    if method.get("loss") == "dual_align" and not cfg.readout.lens:
+        raise ConfigError("method=dual_align needs readout.lens=true (per-layer read-outs).")
+
+    rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
+    option_strings = prompt.option_strings(max(len(row.options) for row in rows))
+    tokenizers = {spec.name: _tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
+    option_ids = pipeline.check_option_tokens(tokenizers, option_strings)
+
+    settings = lens.ReadoutSettings(**OmegaConf.to_container(cfg.readout, resolve=True))
+    cache = ReadoutCache(cache_dir, on_corrupt=cfg.cache.on_corrupt)
+    readouts = {}
+    for role, spec in (("plm", plm_spec), ("polm", polm_spec)):
+        if settings.dtype != spec.dtype:
+            settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": spec.dtype})
+        readouts[role] = pipeline.read_out(
+            spec, rows, exemplars, prompt, option_ids[spec.name], settings, cache, dataset_key, cache_dir, cfg.device
+        )
+        pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
+
+    labels = torch.tensor([row.gold for row in rows])
+    wandb_run = start_wandb(cfg, run_dir)
+    try:
+        logger = False
+        if wandb_run is not None:
+            from lightning.pytorch.loggers import WandbLogger
+
+            logger = WandbLogger(experiment=wandb_run)
+        result = pipeline.run_calibration(
+            method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger
+        )
+        result |= {
+            "pair": cfg.pair.name,
+            "dataset": cfg.dataset.name,
+            "prompt": f"{prompt.name}@v{prompt.version}",
+            "plm": plm_spec.name,
+            "polm": polm_spec.name,
+            "n_layers": {"plm": readouts["plm"].n_layers, "polm": readouts["polm"].n_layers},
+            "seed": int(cfg.seed),
+            "split_seed": int(cfg.split.seed),
+            "wall_seconds": time.perf_counter() - started,
+        }
+        table = report.write_job(result, run_dir)
+        if wandb_run is not None:
+            log_to_wandb(wandb_run, result, run_dir)
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    print(f"\n{cfg.method.name} on {cfg.dataset.name} ({cfg.pair.name}), results in {run_dir}\n{table}\n", flush=True)
+    return result
+
+
+def _tokenizer(spec: models.ModelSpec, cache_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if spec.source == "embedded":
+        return AutoTokenizer.from_pretrained(assets.converted_model_dir(spec.embedded, cache_dir))
+    if spec.source == "hub":
+        return AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    return AutoTokenizer.from_pretrained(spec.path)
+
+
+@hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = run_job(cfg, run_dir)
+    return result["test"]["ece"]  # the value an hparams sweeper would minimise
+
+
+if __name__ == "__main__":
+    main()
