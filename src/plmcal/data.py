@@ -121,7 +121,8 @@ def _medmcqa(row: dict, i: int, name: str) -> MCQuestion:
 
 
 def _hellaswag(row: dict, i: int, name: str) -> MCQuestion:
-    return MCQuestion(f"{name}-{row.get('ind', i)}", row["ctx"], tuple(row["endings"]), int(row["label"]), row.get("activity_label", ""))
+    # The `ind` field repeats across HellaSwag's sources (433 values occur twice in validation), so ids use the position.
+    return MCQuestion(f"{name}-{i}", row["ctx"], tuple(row["endings"]), int(row["label"]), row.get("activity_label", ""))
 
 
 def _social_iqa(row: dict, i: int, name: str) -> MCQuestion:

@@ -1,7 +1,7 @@
 """Calibration metrics on top-label confidences.
 
 ECE and MCE use equal-width bins in which a confidence of exactly 1.0 falls into the last bin
-(torchmetrics 1.x sends it to an extra bin that is never reported, issue #3510). The adaptive ECE
+(torchmetrics 1.x sends it to an extra bin that is never reported: torchmetrics issue #3510 on GitHub). The adaptive ECE
 uses equal-mass bins (the quantity of Nixon et al. 2019); it is not netcal's ``ACE``.
 Brier is the top-label score ``mean((confidence - correct)^2)`` as in the DACA paper; the
 multi-class Brier score is reported alongside as ``brier_multiclass``.
@@ -9,14 +9,8 @@ multi-class Brier score is reported alongside as ``brier_multiclass``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy
-
-
-def bin_edges_equal_width(n_bins: int) -> torch.Tensor:
-    return torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64)
 
 
 def _binned_gaps(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,7 +90,3 @@ def bootstrap_interval(
     values_t = torch.tensor(values)
     tail = (1 - level) / 2
     return float(torch.quantile(values_t, tail)), float(torch.quantile(values_t, 1 - tail))
-
-
-def is_finite_number(value: float) -> bool:
-    return isinstance(value, float) and math.isfinite(value)

@@ -24,7 +24,7 @@ class ModelSpecError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where one model comes from and how it is loaded."""
+    """Source and loading settings of one model."""
 
     name: str
     source: str  # embedded | hub | local

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -104,8 +105,23 @@ def make_loader(tensors: dict[str, torch.Tensor], batch_size: int | None, seed: 
     return DataLoader(dataset, batch_size=size, shuffle=True, generator=torch.Generator().manual_seed(seed))
 
 
+def _quiet_lightning() -> None:
+    # One Trainer per sweep cell: its banner lines and the tiny-dataset warnings would bury the tables.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+
+
 def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
-    """Fit the temperature with a Lightning Trainer; return (T, per-step losses)."""
+    """Fit the temperature with a Lightning Trainer.
+
+    Returns (T, losses): the loss of every optimiser step, then the loss of the fitted T on the
+    whole calibration set as the last entry.
+    """
+    _quiet_lightning()
     L.seed_everything(seed, workers=False, verbose=False)
     module = TemperatureCalibrator(method)
     if method.get("mode") == "faithful":
@@ -129,7 +145,9 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
     temperature = float(module.temperature.detach())
     if not math.isfinite(temperature):
         raise FloatingPointError(f"{method['name']}: the fitted temperature is {temperature}; lower method.lr or change the optimizer.")
-    return temperature, recorder.losses
+    with torch.no_grad():
+        final_loss, _ = module.loss(tensors)  # full calibration set, comparable across optimisers
+    return temperature, recorder.losses + [float(final_loss)]
 
 
 class _LossRecorder(L.Callback):

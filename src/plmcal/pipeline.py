@@ -224,10 +224,10 @@ def run_calibration(
         started = time.perf_counter()
         temperature, step_losses = fit_temperature(method, tensors, seed=seed, logger=logger)
         fit_info = {
-            "steps": len(step_losses),
+            "steps": len(step_losses) - 1,
             "seconds": time.perf_counter() - started,
-            "loss_first": step_losses[0] if step_losses else None,
-            "loss_last": step_losses[-1] if step_losses else None,
+            "loss_first_step": step_losses[0],
+            "loss_final_full_batch": step_losses[-1],
         }
     else:
         temperature = 1.0

@@ -24,7 +24,8 @@ def reliability_diagram(result: dict, path: Path) -> Path:
         confidence = np.where(counts > 0, bins["confidence"], np.nan)
         top, bottom = axes[0, column], axes[1, column]
         top.bar(centers, accuracy, width=1 / n_bins, edgecolor="black", color="tab:blue", label="accuracy")
-        top.bar(centers, confidence - accuracy, bottom=accuracy, width=1 / n_bins, color="tab:red", alpha=0.3, label="gap")
+        # The gap bar spans from the lower to the higher of accuracy and confidence.
+        top.bar(centers, np.abs(confidence - accuracy), bottom=np.fmin(accuracy, confidence), width=1 / n_bins, color="tab:red", alpha=0.3, label="gap to confidence")
         top.plot([0, 1], [0, 1], "k--", linewidth=1)
         top.set_ylim(0, 1)
         top.set_title(f"{label}: T={temperature:.3f}, ECE={100 * summary['ece']:.2f}%", fontsize=9)

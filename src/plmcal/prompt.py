@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from plmcal.data import MCQuestion
@@ -36,7 +36,6 @@ class PromptSpec:
     fewshot_k: int = 0
     fewshot_seed: int = 0
     fewshot_separator: str = "\n\n"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "PromptSpec":

@@ -80,6 +80,7 @@ def job_rows(result: dict) -> list[dict]:
 
 
 def write_job(result: dict, folder: Path) -> str:
+    folder.mkdir(parents=True, exist_ok=True)  # run_job may be called outside Hydra with a new folder
     (folder / "results.json").write_text(json.dumps(result, indent=1))
     from plmcal.plots import reliability_diagram
 

@@ -133,8 +133,19 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    print(f"\n{cfg.method.name} on {cfg.dataset.name} ({cfg.pair.name}), results in {run_dir}\n{table}\n", flush=True)
+    if _is_multirun():
+        log.info("%s on %s: ECE %.2f%% -> %.2f%% (T=%.3f), results in %s", cfg.method.name, cfg.dataset.name,
+                 100 * result["test_uncalibrated"]["ece"], 100 * result["test"]["ece"], result["temperature"], run_dir)
+    else:
+        print(f"\n{cfg.method.name} on {cfg.dataset.name} ({cfg.pair.name}), results in {run_dir}\n{table}\n", flush=True)
     return result
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _tokenizer(spec: models.ModelSpec, cache_dir: str) -> Any:

@@ -1,0 +1,39 @@
+# Set-up and entry points. `make help` lists the targets.
+# Python 3.11 + pip is all a fresh machine needs; everything else is installed into .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel; GPU users: `make main TORCH_SPEC=torch` (or any CUDA build) before the first run.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+
+.PHONY: help install assets main test test-fast clean-outputs
+
+help:  ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test,posttrain]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## Create .venv and install the package with its test and post-training extras
+
+assets: $(STAMP)  ## Fetch, verify and convert the embedded models and benchmarks (idempotent)
+	$(BIN)/python -m plmcal.assets
+
+main: assets  ## The main job: 4 methods x 3 benchmarks on the embedded same-family pair, one table
+	$(BIN)/python -m plmcal.run experiment=main
+
+test: assets  ## The full test suite (a few minutes on 2 CPU cores)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## Tests that need no real model
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean-outputs:  ## Remove Hydra run folders (the read-out cache is kept)
+	rm -rf outputs

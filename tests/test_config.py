@@ -1,0 +1,110 @@
+"""Every option of every config group in conf/ composes (Hydra compose API) and resolves. Unknown
+names raise a Hydra error naming the value."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from helpers import CONF_DIR, SAME_PAIR, compose_config
+from plmcal import lens, models
+from plmcal.module import TemperatureCalibrator
+from plmcal.prompt import PromptSpec
+
+# Groups of the primary config. conf/hydra is Hydra's own group, so separate tests check it.
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+
+def option_id(case: tuple[str, str]) -> str:
+    return f"{case[0]}={case[1]}"
+
+
+@pytest.mark.parametrize("case", OPTIONS, ids=option_id)
+def test_option_composes(case):
+    group, option = case
+    cfg = compose_config([f"{group}={option}"])
+    assert isinstance(OmegaConf.to_container(cfg, resolve=True), dict)
+
+
+@pytest.mark.parametrize("case", [c for c in OPTIONS if c[0] != "experiment"], ids=option_id)
+def test_option_selected(case):
+    # The composed group contains the option file's own values (interpolations compared unresolved).
+    group, option = case
+    written = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    own = {k: v for k, v in written.items() if k != "defaults"}
+    chosen = OmegaConf.to_container(compose_config([f"{group}={option}"])[group], resolve=False)
+    assert {k: chosen.get(k) for k in own} == own
+
+
+def test_groups_found():
+    assert {"pair", "dataset", "method", "prompt", "logger", "experiment"} <= set(GROUPS)
+
+
+def test_experiment_main():
+    cfg = compose_config(["experiment=main"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.method == "vanilla,ts_oracle,daca,dual_align"
+
+
+def test_experiment_main_pair():
+    cfg = compose_config(["experiment=main"])
+    assert cfg.pair.name == SAME_PAIR
+
+
+def test_experiment_main_multirun():
+    cfg = compose_config(["experiment=main"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def test_hydra_callback():
+    cfg = compose_config([], return_hydra_config=True)
+    assert cfg.hydra.callbacks.comparison_table._target_ == "plmcal.callbacks.ComparisonTable"
+
+
+def test_paths_resolve():
+    cfg = compose_config([])
+    assert cfg.paths.root_dir == str(CONF_DIR.parent)
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PLMCAL_CACHE", str(tmp_path))
+    assert compose_config([]).paths.cache_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("group", ["pair", "dataset", "method"])
+def test_unknown_option(group):
+    with pytest.raises(MissingConfigException, match=f"Could not find '{group}/no-such-option'"):
+        compose_config([f"{group}=no-such-option"])
+
+
+def test_unknown_key():
+    with pytest.raises(ConfigCompositionException, match="lamda"):
+        compose_config(["method=dual_align", "method.lamda=2"])
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if p.stem != "vanilla"))
+def test_method_builds(name):
+    method = OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
+    assert TemperatureCalibrator(method).temperature.item() == pytest.approx(float(method["init_temperature"]))
+
+
+def test_vanilla_fits_nothing():
+    assert compose_config(["method=vanilla"]).method.fit is False
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "prompt").glob("*.yaml")))
+def test_prompt_builds(name):
+    spec = PromptSpec.from_config(compose_config([f"prompt={name}"]).prompt)
+    assert spec.name == name
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "pair").glob("*.yaml")))
+def test_pair_plm_spec(name):
+    spec = models.ModelSpec.from_config(compose_config([f"pair={name}"]).pair.plm)
+    assert spec.source in ("embedded", "hub")
+
+
+def test_readout_settings():
+    settings = lens.ReadoutSettings(**OmegaConf.to_container(compose_config([]).readout, resolve=True))
+    assert settings.lens
