@@ -11,15 +11,16 @@ rendered with the DACA prompt, which ends in "Answer: ".
 The answer is the bare letter token ("A", "B", ...) that follows the prompt's tokens, which is the
 token the evaluation reads. Both trainers would tokenize prompt + completion as one string, where
 " A" merges into the single token "▁A". This script therefore tokenizes prompt and completion
-separately and hands both trainers token ids.
+separately, and both trainer subclasses compute their loss from one forward pass over the prompt.
 
 The final adapter (the "default" LoRA adapter, weights stored as float16) and ``training.json`` are
 written to ``--output-dir``. ``training.json`` keeps the ``attempts`` list of earlier runs into the
 same folder. ``eval_overconfidence.py`` adds its table to the matching attempt.
 
-Reproduce the shipped adapter::
+Reproduce the shipped adapter (``--threads 1``: on a machine whose cores are shared with other
+jobs, two torch threads measured about five times slower than one)::
 
-    PYTHONPATH=src PLMCAL_CACHE=/tmp/plmcache python experiments/post_train.py
+    PYTHONPATH=src PLMCAL_CACHE=/tmp/plmcache python experiments/post_train.py --threads 1
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ Nothing here downloads a model: the tiny models are random and built from their 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,6 +27,18 @@ CHARACTERS = ["\n"] + [chr(code) for code in range(32, 127)]
 TINY_VOCAB = 128  # model vocabulary: the tokenizer never produces the ids past its 100 tokens
 TINY_ARCHS = ("llama", "qwen2", "gemma3")
 TINY_LAYERS = 3
+DEFAULT_THREADS = torch.get_num_threads()  # torch's intra-op thread count before the tests change it
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run the body with ``count`` intra-op threads, then restore the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def make_char_tokenizer(lowercase: bool = False):

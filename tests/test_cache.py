@@ -143,12 +143,12 @@ def test_recompute_rewrites(reader, spies, tmp_path):
 
 
 def test_other_entry_survives(reader, spies, tmp_path):
-    damaged, kept = toy_questions(4), toy_questions(3, prefix="kept")
+    damaged, intact = toy_questions(4), toy_questions(3, prefix="intact")
     corrupt(entry(reader(damaged), tmp_path))
-    reader(kept)
+    reader(intact)
     reader(damaged, on_corrupt="recompute")
-    reader(kept)
-    # Three forward passes: damaged, kept, then damaged again. The second read of kept is a hit.
+    reader(intact)
+    # Three forward passes: damaged, intact, then damaged again. The second read of intact is a hit.
     assert spies["extract"].calls == 3
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import CROSS_PAIR, compose_config, make_char_tokenizer, toy_questions
+from helpers import CROSS_PAIR, DEFAULT_THREADS, compose_config, make_char_tokenizer, toy_questions, torch_threads
 from plmcal import lens, losses, pipeline
 from plmcal.data import DatasetError
 from plmcal.models import ModelSpec, ModelSpecError
@@ -203,7 +203,7 @@ def test_run_depth_mismatch(embedded_cache, tmp_path):
             f"paths.cache_dir={embedded_cache}",
         ]
     )
-    with pytest.raises(pipeline.PipelineError, match="gemma-3-270m with 18 layers and smollm2-135m-instruct with 30"):
+    with torch_threads(DEFAULT_THREADS), pytest.raises(pipeline.PipelineError, match="gemma-3-270m with 18 layers and smollm2-135m-instruct with 30"):
         run_job(cfg, tmp_path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import CROSS_PAIR, SAME_PAIR, compose_config
+from helpers import CROSS_PAIR, DEFAULT_THREADS, SAME_PAIR, compose_config, torch_threads
 from plmcal.run import run_job
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,12 @@ N_QUESTIONS = 12
 RESULT_FILES = ["results.json", "results.md", "results.csv", "reliability.png"]
 
 
-def job_config(pair: str, method: str, output_dir: Path, cache_dir: Path, *extra: str):
+def job_config(pair: str, method: str, output_dir: Path, cache_dir: Path, *extra: str, limit: int = N_QUESTIONS):
     return compose_config(
         [
             f"pair={pair}",
             "dataset=arc_easy",
-            f"dataset.limit={N_QUESTIONS}",
+            f"dataset.limit={limit}",
             f"method={method}",
             "logger=none",
             f"paths.output_dir={output_dir}",
@@ -42,7 +42,8 @@ def job_config(pair: str, method: str, output_dir: Path, cache_dir: Path, *extra
 def cross_run(embedded_cache, tmp_path_factory) -> tuple[dict, Path]:
     run_dir = tmp_path_factory.mktemp("daca-run")
     cfg = job_config(CROSS_PAIR, "daca", tmp_path_factory.mktemp("outputs"), embedded_cache)
-    return run_job(cfg, run_dir), run_dir
+    with torch_threads(DEFAULT_THREADS):  # the real models' read-outs, unless the CLI test cached them
+        return run_job(cfg, run_dir), run_dir
 
 
 @pytest.mark.parametrize("name", RESULT_FILES)
@@ -111,11 +112,14 @@ def test_cross_cached(cross_run, embedded_cache, tmp_path, monkeypatch):
 
 
 def test_same_family_dual_align(embedded_cache, tmp_path):
-    cfg = job_config(SAME_PAIR, "dual_align", tmp_path, embedded_cache, "method.epochs=20")
+    # 20 questions leave 6 for calibration, so an agreeing question is likely; 20 epochs keep the
+    # fit short (test_fit covers the full 400-epoch loop).
+    cfg = job_config(SAME_PAIR, "dual_align", tmp_path, embedded_cache, "method.epochs=20", limit=20)
     adapter = Path(OmegaConf.to_container(cfg.pair, resolve=True)["polm"]["adapter"])
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / name).exists()]
     if missing:
         pytest.skip(f"PoLM adapter {adapter} lacks {', '.join(missing)}; run experiments/post_train.py to build it")
-    result = run_job(cfg, tmp_path)
+    with torch_threads(DEFAULT_THREADS):
+        result = run_job(cfg, tmp_path)
     assert result["n_layers"] == {"plm": 18, "polm": 18}
     assert [name for name in RESULT_FILES if not (tmp_path / name).exists()] == []

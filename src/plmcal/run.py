@@ -89,6 +89,15 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     if method.get("loss") == "dual_align" and not cfg.readout.lens:
         raise ConfigError("method=dual_align needs readout.lens=true (per-layer read-outs).")
 
+    if method.get("loss") == "dual_align":
+        # Checked from the configs so that a mismatch fails before any forward pass.
+        plm_depth, polm_depth = _depth(plm_spec, cache_dir), _depth(polm_spec, cache_dir)
+        if plm_depth != polm_depth:
+            raise pipeline.PipelineError(
+                f"{method['name']} needs PLM and PoLM of equal depth, got {plm_spec.name} with {plm_depth} layers and "
+                f"{polm_spec.name} with {polm_depth}. Use a same-family pair, or a final-layer method (vanilla, ts_oracle, daca)."
+            )
+
     rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
     option_strings = prompt.option_strings(max(len(row.options) for row in rows))
     tokenizers = {spec.name: _tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
@@ -146,6 +155,20 @@ def _is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _depth(spec: models.ModelSpec, cache_dir: str) -> int:
+    """Read the number of decoder layers from the model config, before any weights are loaded."""
+    from transformers import AutoConfig
+
+    if spec.source == "embedded":
+        config = AutoConfig.from_pretrained(assets.converted_model_dir(spec.embedded, cache_dir))
+    elif spec.source == "hub":
+        config = AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(spec.path)
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
 
 
 def _tokenizer(spec: models.ModelSpec, cache_dir: str) -> Any:
