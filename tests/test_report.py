@@ -14,6 +14,10 @@ from plmcal import pipeline, report
 from plmcal.callbacks import ComparisonTable
 from plmcal.models import ModelSpec
 
+HEADERS = [name for name, _, _ in report.COLUMNS]
+METHOD_COLUMN = HEADERS.index("method")
+ECE_COLUMN = HEADERS.index("ECE %")
+
 
 def readout(name: str, final: torch.Tensor) -> pipeline.Readout:
     n, k = final.shape
@@ -48,17 +52,17 @@ def test_write_job_new_folder(name, results, tmp_path):
 def test_job_rows(results, tmp_path):
     report.write_job(results[2], tmp_path)
     with (tmp_path / "results.csv").open() as handle:
-        methods = [row[2] for row in list(csv.reader(handle))[1:]]
+        methods = [row[METHOD_COLUMN] for row in list(csv.reader(handle))[1:]]
     assert methods == ["uncalibrated PoLM", "daca", "PLM (reference)"]
 
 
 def test_markdown_header(results):
-    assert report.markdown_table(results).splitlines()[0].startswith("| pair | dataset | method | T | ECE % |")
+    assert report.markdown_table(results).splitlines()[0].startswith("| pair | dataset | prompt | method | T | ECE % |")
 
 
 def test_percent_scale(results):
     row = report.table_rows([results[0]])[0]
-    assert row[4] == f"{100 * results[0]['test']['ece']:.2f}"
+    assert row[ECE_COLUMN] == f"{100 * results[0]['test']['ece']:.2f}"
 
 
 def test_collect(results, tmp_path):
@@ -83,7 +87,7 @@ def test_callback_order(results, tmp_path, capsys):
         (tmp_path / str(i) / "results.json").write_text(json.dumps(result))
     ComparisonTable().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     with (tmp_path / "comparison.csv").open() as handle:
-        methods = [row[2] for row in list(csv.reader(handle))[1:]]
+        methods = [row[METHOD_COLUMN] for row in list(csv.reader(handle))[1:]]
     assert methods == ["vanilla", "daca", "ts_oracle"]
 
 

@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 COLUMNS = [
     ("pair", ("pair",), None),
     ("dataset", ("dataset",), None),
+    ("prompt", ("prompt",), None),
     ("method", ("method",), None),
     ("T", ("temperature",), 1),
     ("ECE %", ("test", "ece"), 100),
