@@ -215,6 +215,7 @@ def test_run_multi_token_option(embedded_cache, tmp_path):
             "dataset=arc_easy",
             "dataset.limit=12",
             "prompt.option_token='({letter})'",
+            "method=daca",
             "logger=none",
             f"paths.output_dir={tmp_path}",
             f"paths.cache_dir={embedded_cache}",

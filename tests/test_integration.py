@@ -92,7 +92,8 @@ def test_cross_markdown(cross_run):
 def test_cross_csv_rows(cross_run):
     with (cross_run[1] / "results.csv").open() as handle:
         rows = list(csv.reader(handle))
-    assert [row[2] for row in rows[1:]] == ["uncalibrated PoLM", "daca", "PLM (reference)"]
+    method_column = rows[0].index("method")
+    assert [row[method_column] for row in rows[1:]] == ["uncalibrated PoLM", "daca", "PLM (reference)"]
 
 
 def test_cross_png(cross_run):

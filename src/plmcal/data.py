@@ -200,7 +200,13 @@ def _load_hub(cfg: Any) -> list[dict]:
         config_name = hub.get("name")
         if subject is not None and hub.get("subject_is_config", False):
             config_name = subject
-        split = datasets.load_dataset(hub.path, config_name, split=hub.split, revision=hub.get("revision"))
+        try:
+            split = datasets.load_dataset(hub.path, config_name, split=hub.split, revision=hub.get("revision"))
+        except (ConnectionError, OSError) as error:
+            raise DatasetError(
+                f"loading {hub.path!r} (config {config_name!r}) from the hub failed: {error}. Without a network use "
+                f"dataset.source=offline where an offline copy exists, or dataset.source=jsonl."
+            ) from error
         raw.extend(split)
     return raw
 

@@ -79,6 +79,10 @@ class ReadoutSettings:
     full_vocab_lse: bool = True  # per-layer logsumexp over the whole vocabulary (option mass)
     sort_by_length: bool = True  # batches of similar length waste less compute on padding
 
+    def __post_init__(self):
+        if int(self.batch_size) < 1:
+            raise ValueError(f"readout.batch_size={self.batch_size!r} is invalid; use a positive count.")
+
     def key(self) -> dict:
         # batch_size and sorting change results only by float rounding; they stay out of the key.
         return {"dtype": self.dtype, "lens": self.lens, "full_vocab_lse": self.full_vocab_lse}

@@ -87,25 +87,49 @@ def _folder_fingerprint(folder: Path, pattern: str = "*") -> str:
     return digest.hexdigest()[:20]
 
 
+def _location(spec: ModelSpec, cache_dir: str | None) -> tuple[str, dict]:
+    if spec.source == "embedded":
+        return str(assets.converted_model_dir(spec.embedded, cache_dir)), {}
+    if spec.source == "hub":
+        return spec.hub_id, {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    return spec.path, {"trust_remote_code": spec.trust_remote_code}
+
+
+def _from_pretrained(factory: Any, spec: ModelSpec, cache_dir: str | None, **extra: Any) -> Any:
+    """Call ``factory.from_pretrained`` for the spec, turning a failed download into an actionable error."""
+    location, kwargs = _location(spec, cache_dir)
+    try:
+        return factory.from_pretrained(location, **kwargs, **extra)
+    except OSError as error:
+        raise ModelSpecError(
+            f"loading {factory.__name__} of model {spec.name!r} from {location!r} failed: {error}. For source=hub "
+            "the model hub must be reachable (or the model already in the local hub cache); without a network use "
+            "source=embedded, or source=local with a downloaded folder."
+        ) from error
+
+
+def load_tokenizer(spec: ModelSpec, cache_dir: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, spec, cache_dir)
+
+
+def num_layers(spec: ModelSpec, cache_dir: str | None = None) -> int:
+    """Read the number of decoder layers from the model config, before any weights are loaded."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, spec, cache_dir)
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
+
+
 def load(spec: ModelSpec, cache_dir: str | None = None, device: str = "cpu") -> tuple[Any, Any]:
     """Load the model and tokenizer of one spec (weights frozen, eval mode)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    if spec.source == "embedded":
-        location, kwargs = str(assets.converted_model_dir(spec.embedded, cache_dir)), {}
-    elif spec.source == "hub":
-        location, kwargs = spec.hub_id, {"revision": spec.revision}
-    else:
-        location, kwargs = spec.path, {}
-    log.info("Loading %s from %s (%s)", spec.name, location, spec.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=spec.trust_remote_code, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(
-        location,
-        dtype=DTYPES[spec.dtype],
-        device_map=spec.device_map,
-        trust_remote_code=spec.trust_remote_code,
-        **kwargs,
-    )
+    log.info("Loading %s (%s, %s)", spec.name, spec.source, spec.dtype)
+    tokenizer = load_tokenizer(spec, cache_dir)
+    model = _from_pretrained(AutoModelForCausalLM, spec, cache_dir, dtype=DTYPES[spec.dtype], device_map=spec.device_map)
     if spec.adapter:
         from peft import PeftModel
 

@@ -82,6 +82,10 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``."""
     started = time.perf_counter()
     cache_dir = cfg.paths.cache_dir
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but torch sees no CUDA device; use device=cpu or install a CUDA build of torch.")
+    if int(cfg.n_bins) < 1:
+        raise ConfigError(f"n_bins={cfg.n_bins!r} is invalid; use a positive number of bins (10 in both papers).")
     prompt = PromptSpec.from_config(cfg.prompt)
     plm_spec = models.ModelSpec.from_config(cfg.pair.plm)
     polm_spec = models.ModelSpec.from_config(cfg.pair.polm)
@@ -91,7 +95,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
     if method.get("loss") == "dual_align":
         # Checked from the configs so that a mismatch fails before any forward pass.
-        plm_depth, polm_depth = _depth(plm_spec, cache_dir), _depth(polm_spec, cache_dir)
+        plm_depth, polm_depth = models.num_layers(plm_spec, cache_dir), models.num_layers(polm_spec, cache_dir)
         if plm_depth != polm_depth:
             raise pipeline.PipelineError(
                 f"{method['name']} needs PLM and PoLM of equal depth, got {plm_spec.name} with {plm_depth} layers and "
@@ -100,7 +104,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
     rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
     option_strings = prompt.option_strings(max(len(row.options) for row in rows))
-    tokenizers = {spec.name: _tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
+    tokenizers = {spec.name: models.load_tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
     option_ids = pipeline.check_option_tokens(tokenizers, option_strings)
 
     settings = lens.ReadoutSettings(**OmegaConf.to_container(cfg.readout, resolve=True))
@@ -155,30 +159,6 @@ def _is_multirun() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _depth(spec: models.ModelSpec, cache_dir: str) -> int:
-    """Read the number of decoder layers from the model config, before any weights are loaded."""
-    from transformers import AutoConfig
-
-    if spec.source == "embedded":
-        config = AutoConfig.from_pretrained(assets.converted_model_dir(spec.embedded, cache_dir))
-    elif spec.source == "hub":
-        config = AutoConfig.from_pretrained(spec.hub_id, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    else:
-        config = AutoConfig.from_pretrained(spec.path)
-    config = getattr(config, "text_config", None) or config
-    return int(config.num_hidden_layers)
-
-
-def _tokenizer(spec: models.ModelSpec, cache_dir: str) -> Any:
-    from transformers import AutoTokenizer
-
-    if spec.source == "embedded":
-        return AutoTokenizer.from_pretrained(assets.converted_model_dir(spec.embedded, cache_dir))
-    if spec.source == "hub":
-        return AutoTokenizer.from_pretrained(spec.hub_id, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    return AutoTokenizer.from_pretrained(spec.path)
 
 
 @hydra.main(version_base="1.3", config_path=str(REPO_ROOT / "conf"), config_name="config")
