@@ -86,12 +86,14 @@ def split_sources(
     """Return disjoint per-source (SFT, DPO, held-out) rows and a summary of the sizes.
 
     Each source contributes the same number of rows to each stage, so the mixture does not follow
-    HellaSwag's larger size. Prompts longer than ``--max-prompt-tokens`` are dropped first.
+    HellaSwag's larger size. Prompts longer than ``--max-prompt-tokens`` are dropped first. By
+    default a stage gets enough rows for one epoch. A smaller ``--sft-rows-per-source`` or
+    ``--dpo-pairs-per-source`` makes the trainer loop over the rows for several epochs.
     """
     rng = random.Random(args.seed)
     sources = list(TRAIN_SOURCES)
-    sft_per_source = math.ceil(args.sft_steps * args.batch_size / len(sources))
-    dpo_per_source = math.ceil(args.dpo_steps * args.batch_size / len(sources))
+    sft_per_source = args.sft_rows_per_source or math.ceil(args.sft_steps * args.batch_size / len(sources))
+    dpo_per_source = args.dpo_pairs_per_source or math.ceil(args.dpo_steps * args.batch_size / len(sources))
     sft, dpo, held_out, sizes = {}, {}, {}, {}
     for name in sources:
         rows = load_source(name)
@@ -100,9 +102,10 @@ def split_sources(
         held_out[name] = kept[: args.holdout_per_source]
         rest = kept[args.holdout_per_source :]
         if len(rest) < sft_per_source + dpo_per_source:
-            # Too few rows for disjoint stages: DPO reuses SFT rows (the trainers loop over epochs).
+            # SFT takes the first rows and DPO the last ones, so the two stages share some questions.
             log.warning(
-                "%s: %d rows after the hold-out, fewer than %d SFT + %d DPO rows; DPO reuses SFT rows.",
+                "%s: %d rows after the hold-out, fewer than the %d SFT + %d DPO rows requested, so the SFT and "
+                "DPO rows overlap. Lower --sft-steps / --dpo-steps or raise --max-prompt-tokens to keep them disjoint.",
                 name, len(rest), sft_per_source, dpo_per_source,
             )
             sft[name] = rest[:sft_per_source]
@@ -440,7 +443,7 @@ def library_versions() -> dict[str, str]:
 def recipe_of(args: argparse.Namespace) -> dict[str, Any]:
     keys = [
         "seed", "batch_size", "max_prompt_tokens", "holdout_per_source", "lora_r", "lora_alpha", "lora_dropout",
-        "sft_steps", "sft_lr", "dpo_steps", "dpo_lr", "beta",
+        "sft_steps", "sft_lr", "sft_rows_per_source", "dpo_steps", "dpo_lr", "beta", "dpo_pairs_per_source",
     ]
     recipe = {key: getattr(args, key) for key in keys}
     recipe["lora_targets"] = LORA_TARGETS
@@ -475,6 +478,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dpo-steps", type=int, default=100, help="DPO optimizer steps (default: %(default)s)")
     parser.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO peak learning rate (default: %(default)s)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
+    parser.add_argument(
+        "--sft-rows-per-source", type=int, default=None,
+        help="SFT rows drawn from each source (default: enough for one epoch of --sft-steps)",
+    )
+    parser.add_argument(
+        "--dpo-pairs-per-source", type=int, default=None,
+        help="DPO pairs drawn from each source; fewer than one epoch's worth repeats them (default: one epoch of --dpo-steps)",
+    )
     parser.add_argument(
         "--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
         help="dtype of the saved LoRA weights (default: %(default)s)",

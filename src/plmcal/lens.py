@@ -120,6 +120,9 @@ def extract(
       lens_logsumexp (N, L) and final_logsumexp (N,): logsumexp over the full vocabulary;
       greedy_token (N,): argmax over the full vocabulary; prompt_tokens (N,).
     Option columns past a question's own option count are set to -inf.
+
+    NOTE: the official DACA code reads vLLM's top-4 log-probabilities instead of logits. The two
+    differ by one constant per question, so the softmax over the options is the same.
     """
     parts = find_parts(model)
     device = next(model.parameters()).device

@@ -152,6 +152,12 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
     temperature = float(module.temperature.detach())
     if not math.isfinite(temperature):
         raise FloatingPointError(f"{method['name']}: the fitted temperature is {temperature}; lower method.lr or change the optimizer.")
+    if temperature <= 0:
+        raise FloatingPointError(
+            f"{method['name']}: the fitted temperature is {temperature:.4g} <= 0, which flips or erases the ranking of "
+            "the options. parametrization=raw (as in the official DACA code) does not keep T positive; use "
+            "parametrization=log (method=daca) or a lower method.lr."
+        )
     with torch.no_grad():
         final_loss, _ = module.loss(tensors)  # full calibration set, comparable across optimisers
     return temperature, recorder.losses + [float(final_loss)]

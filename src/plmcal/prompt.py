@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from plmcal.data import MCQuestion
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJ"  # DACA prompts have A-D; more options continue the same layout up to J
 
 
 class PromptError(ValueError):
