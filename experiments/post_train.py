@@ -32,6 +32,7 @@ import logging
 import math
 import platform
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -44,7 +45,7 @@ import torch
 from omegaconf import OmegaConf
 
 from plmcal import assets
-from plmcal.data import MCQuestion, _adapt, _load_offline, load_questions, validate
+from plmcal.data import MCQuestion, load_questions
 from plmcal.prompt import PromptSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,21 +70,16 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def load_source(name: str) -> list[MCQuestion]:
     """Load one training source as validated rows."""
-    cfg = OmegaConf.create(TRAIN_SOURCES[name])
-    if name != "hellaswag":
-        return load_questions(cfg)
-    # NOTE: the HellaSwag validation copy repeats its `ind` field across sources (433 values occur
-    # twice), so plmcal.data's HellaSwag adapter produces duplicate ids and load_questions raises.
-    # The rows are adapted the same way here and renamed by position.
-    rows = _adapt(_load_offline(cfg, None), cfg.adapter, cfg.name)
-    rows = [MCQuestion(f"hellaswag-row{i}", r.question, r.options, r.gold, r.subject) for i, r in enumerate(rows)]
-    return validate(rows, name)
+    return load_questions(OmegaConf.create(TRAIN_SOURCES[name]))
 
 
 def split_sources(
     tokenizer: Any, spec: PromptSpec, args: argparse.Namespace
 ) -> tuple[dict[str, list[MCQuestion]], dict[str, list[MCQuestion]], dict[str, list[MCQuestion]], dict[str, Any]]:
-    """Return disjoint per-source (SFT, DPO, held-out) rows and a summary of the sizes.
+    """Return per-source (SFT, DPO, held-out) rows and a summary of the sizes.
+
+    Held-out rows are never trained on. SFT and DPO rows are disjoint unless a source has too
+    few rows.
 
     Each source contributes the same number of rows to each stage, so the mixture does not follow
     HellaSwag's larger size. Prompts longer than ``--max-prompt-tokens`` are dropped first. By
@@ -97,10 +93,10 @@ def split_sources(
     sft, dpo, held_out, sizes = {}, {}, {}, {}
     for name in sources:
         rows = load_source(name)
-        kept = [row for row in rows if len(tokenizer.encode(spec.render(row))) <= args.max_prompt_tokens]
-        rng.shuffle(kept)
-        held_out[name] = kept[: args.holdout_per_source]
-        rest = kept[args.holdout_per_source :]
+        short_enough = [row for row in rows if len(tokenizer.encode(spec.render(row))) <= args.max_prompt_tokens]
+        rng.shuffle(short_enough)
+        held_out[name] = short_enough[: args.holdout_per_source]
+        rest = short_enough[args.holdout_per_source :]
         if len(rest) < sft_per_source + dpo_per_source:
             # SFT takes the first rows and DPO the last ones, so the two stages share some questions.
             log.warning(
@@ -115,7 +111,7 @@ def split_sources(
             dpo[name] = rest[sft_per_source : sft_per_source + dpo_per_source]
         sizes[name] = {
             "rows": len(rows),
-            "rows_within_max_prompt_tokens": len(kept),
+            "rows_within_max_prompt_tokens": len(short_enough),
             "held_out": len(held_out[name]),
             "sft": len(sft[name]),
             "dpo": len(dpo[name]),
@@ -129,7 +125,7 @@ def prompt_ids(tokenizer: Any, spec: PromptSpec, row: MCQuestion) -> list[int]:
 
 
 def sft_dataset(tokenizer: Any, spec: PromptSpec, rows: list[MCQuestion], seed: int) -> Any:
-    """Tokenize each prompt; ``labels`` holds the one target token, the gold letter."""
+    """Tokenize each prompt. The ``labels`` list contains one target token, the gold letter."""
     from datasets import Dataset
 
     records = []
@@ -156,11 +152,13 @@ def dpo_dataset(tokenizer: Any, spec: PromptSpec, rows: list[MCQuestion], seed: 
 
 # Both stages score a single answer token after the prompt. The TRL 1.16 trainers instead run
 # prompt + completion through the model (DPO twice, once for chosen and once for rejected) and
-# project the hidden states through the 262,144-token LM head with a chunked kernel. On two CPU
-# cores that measured 25 s per SFT step at batch 8. The subclasses below keep the trainers'
-# loops, optimizers, reference adapter and logging, and compute the same losses from one forward
-# pass over the prompt with ``logits_to_keep=1``: the next-token distribution at the last prompt
-# position is the distribution of the answer token.
+# project the hidden states through the 262,144-token LM head with a chunked kernel. Profiled on
+# two CPU cores shared with another job, an SFT step at batch 8 took 25-33 s, about 8 s of it in
+# that kernel's backward pass. The subclasses below keep the trainers' loops, optimizers,
+# reference adapter and logging. They compute the SFT cross-entropy and the sigmoid DPO loss from
+# one forward pass over the prompt with ``logits_to_keep=1``, because the next-token distribution
+# at the last prompt position is the distribution of the answer token. Unlike TRL's default, no
+# EOS token follows the letter.
 
 
 @dataclass
@@ -318,7 +316,7 @@ def run_sft(model: Any, tokenizer: Any, dataset: Any, args: argparse.Namespace, 
         seed=args.seed,
         data_seed=args.seed,
         gradient_checkpointing=False,
-        bf16=False,  # TRL configs default to bf16, which needs a GPU; this script trains in float32
+        bf16=False,  # TRL configs default to bf16, which needs a GPU, and this script trains in float32
         use_cpu=not torch.cuda.is_available(),
         max_length=args.max_prompt_tokens + 1,
         dataset_kwargs={"skip_prepare_dataset": True},  # sft_dataset() already tokenized the rows
@@ -373,7 +371,7 @@ def run_dpo(model: Any, tokenizer: Any, dataset: Any, args: argparse.Namespace, 
         seed=args.seed,
         data_seed=args.seed,
         gradient_checkpointing=False,
-        bf16=False,  # TRL configs default to bf16, which needs a GPU; this script trains in float32
+        bf16=False,  # TRL configs default to bf16, which needs a GPU, and this script trains in float32
         use_cpu=not torch.cuda.is_available(),
         max_length=args.max_prompt_tokens + 1,
         dataloader_num_workers=0,
@@ -401,7 +399,7 @@ def run_dpo(model: Any, tokenizer: Any, dataset: Any, args: argparse.Namespace, 
 
 
 def save_adapter(model: Any, output_dir: Path, dtype: torch.dtype, base_model_name: str) -> int:
-    """Save only the trained "default" adapter, cast to ``dtype``; return its size in bytes."""
+    """Save only the trained "default" adapter with its weights cast to ``dtype``, and return the file size in bytes."""
     from safetensors.torch import load_file, save_file
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -468,23 +466,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", type=Path, default=DEFAULT_PROMPT, help="prompt config YAML (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data split, LoRA init and trainers (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step, both stages (default: %(default)s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=192, help="drop questions whose prompt has more tokens (default: %(default)s)")
-    parser.add_argument("--holdout-per-source", type=int, default=100, help="rows per source kept out of training for the sanity check (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=128, help="drop questions whose prompt has more tokens (default: %(default)s)")
+    parser.add_argument("--holdout-per-source", type=int, default=60, help="rows per source kept out of training for the sanity check (default: %(default)s)")
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank (default: %(default)s)")
     parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (default: %(default)s)")
     parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
-    parser.add_argument("--sft-steps", type=int, default=200, help="SFT optimizer steps (default: %(default)s)")
+    parser.add_argument("--sft-steps", type=int, default=60, help="SFT optimizer steps (default: %(default)s)")
     parser.add_argument("--sft-lr", type=float, default=2e-4, help="SFT peak learning rate (default: %(default)s)")
-    parser.add_argument("--dpo-steps", type=int, default=100, help="DPO optimizer steps (default: %(default)s)")
-    parser.add_argument("--dpo-lr", type=float, default=5e-5, help="DPO peak learning rate (default: %(default)s)")
-    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta (default: %(default)s)")
+    parser.add_argument("--dpo-steps", type=int, default=80, help="DPO optimizer steps (default: %(default)s)")
+    parser.add_argument("--dpo-lr", type=float, default=5e-4, help="DPO peak learning rate (default: %(default)s)")
+    parser.add_argument("--beta", type=float, default=0.05, help="DPO beta (default: %(default)s)")
     parser.add_argument(
         "--sft-rows-per-source", type=int, default=None,
-        help="SFT rows drawn from each source (default: enough for one epoch of --sft-steps)",
+        help="SFT rows drawn from each source; 0 or unset draws one epoch's worth of --sft-steps (default: one epoch)",
     )
     parser.add_argument(
-        "--dpo-pairs-per-source", type=int, default=None,
-        help="DPO pairs drawn from each source; fewer than one epoch's worth repeats them (default: one epoch of --dpo-steps)",
+        "--dpo-pairs-per-source", type=int, default=64,
+        help="DPO pairs drawn from each source; 0 draws one epoch's worth of --dpo-steps (default: %(default)s, "
+        "so 80 steps of 8 loop about 3.3 times over 192 pairs)",
     )
     parser.add_argument(
         "--save-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
@@ -545,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         "base_model": args.model,
         "base_model_source": json.loads((model_dir / "source.json").read_text()),
         "prompt": {"name": spec.name, "version": spec.version, "digest": spec.digest()},
-        "command": "python experiments/post_train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "experiments/post_train.py", *(argv if argv is not None else sys.argv[1:])]),
         "recipe": recipe,
         "data_sizes": sizes,
         "stages": {"sft": sft_stats, "dpo": dpo_stats},
