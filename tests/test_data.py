@@ -10,9 +10,9 @@ import pytest
 
 from helpers import CONF_DIR, compose_config
 from plmcal import data
-from plmcal.data import DatasetError, MCQuestion
+from plmcal.data import DatasetError, MCQuestion, load_jsonl, load_questions, save_jsonl
 
-OFFLINE = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
+OFFLINE = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml") if p.stem != "jsonl")
 
 
 def good_row(i: int = 0, k: int = 4) -> MCQuestion:
@@ -206,9 +206,38 @@ def test_jsonl_roundtrip(tmp_path: Path):
 
 def test_jsonl_missing_field(tmp_path: Path):
     (tmp_path / "rows.jsonl").write_text('{"id": "a", "question": "q", "options": ["x", "y"]}\n')
-    with pytest.raises(DatasetError, match="line 1 .* missing field 'gold'"):
+    with pytest.raises(DatasetError, match=r"line 1 .* missing field\(s\) \['gold'\]"):
         data.load_jsonl(tmp_path / "rows.jsonl", "toy")
 
 
 def test_fingerprint_changes():
     assert data.fingerprint([good_row(0)]) != data.fingerprint([dataclasses.replace(good_row(0), gold=1)])
+
+
+def test_jsonl_config_loads(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    save_jsonl([good_row(0), good_row(1, k=3)], path)
+    cfg = compose_config(["dataset=jsonl", f"dataset.path={path}", "dataset.name=mine"])
+    rows = load_questions(cfg.dataset)
+    assert [row.id for row in rows] == [good_row(0).id, good_row(1).id]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"id": 1, "question": "q", "options": "ABCD", "gold": 0}', "must be a list"),
+        ('{"id": 1, "question": "q", "options": ["a", "b"], "gold": "B"}', "0-based index"),
+        ('{"id": 1, "question": "q", "options": ["a", 2], "gold": 0}', "must be a string"),
+        ('{"id": 1, "question": "q", "options": ["a", "b"], "gold": 0', "invalid JSON"),
+    ],
+)
+def test_jsonl_bad_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(DatasetError, match=message):
+        load_jsonl(path, "bad")
+
+
+def test_jsonl_missing_file(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_jsonl(tmp_path / "absent.jsonl", "absent")

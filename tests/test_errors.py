@@ -167,7 +167,7 @@ def test_run_gold_out_of_range(tmp_path):
 
 def test_run_missing_field(tmp_path):
     path = write_rows(tmp_path / "rows.jsonl", [{k: v for k, v in GOOD.items() if k != "gold"}])
-    with pytest.raises(DatasetError, match="missing field 'gold'"):
+    with pytest.raises(DatasetError, match=r"missing field\(s\) \['gold'\]"):
         run_job(jsonl_config(path, tmp_path), tmp_path)
 
 

@@ -66,8 +66,8 @@ def test_faithful_official(faithful_fit, calibration_set):
 
 
 def test_faithful_steps(faithful_fit):
-    # 400 epochs of 2 mini-batches, then one entry for the full calibration set.
-    assert len(faithful_fit[1]) == 801
+    # The initial full-set loss, 400 epochs of 2 mini-batches, then the final full-set loss.
+    assert len(faithful_fit[1]) == 802
 
 
 def test_faithful_final_loss(faithful_fit, calibration_set):

@@ -20,9 +20,13 @@ class ComparisonTable(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         results = report.collect(sweep_dir)
+        errors = report.collect_errors(sweep_dir)
+        for failure in errors:
+            print(f"FAILED {failure['folder']}: {failure['error']}", flush=True)
         if not results:
             log.warning("No results.json under %s; no comparison table written.", sweep_dir)
             return
         results.sort(key=lambda r: (r.get("pair", ""), r.get("dataset", ""), report.METHOD_ORDER.get(r.get("method"), 99)))
         text = report.write_table(results, sweep_dir, "comparison")
-        print(f"\nComparison of {len(results)} jobs (test split; written to {sweep_dir}/comparison.md):\n{text}\n", flush=True)
+        failed = f", {len(errors)} failed (listed above)" if errors else ""
+        print(f"\nComparison of {len(results)} jobs{failed} (test split; written to {sweep_dir}/comparison.md):\n{text}\n", flush=True)

@@ -258,14 +258,26 @@ def save_jsonl(rows: list[MCQuestion], path: Path) -> None:
 
 def load_jsonl(path: Path, name: str) -> list[MCQuestion]:
     """Load rows in this project's schema from a JSON-lines file (one object per line)."""
+    if not path.is_file():
+        raise DatasetError(f"dataset {name!r}: file {str(path)!r} not found; set dataset.path to an existing JSON-lines file.")
     rows = []
     with path.open(encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
+        for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            raw = json.loads(line)
+            where = f"dataset {name!r}, line {number} of {path}"
             try:
-                rows.append(MCQuestion(str(raw["id"]), raw["question"], tuple(raw["options"]), raw["gold"], raw.get("subject", "")))
-            except KeyError as error:
-                raise DatasetError(f"dataset {name!r}, line {i + 1} of {path}: missing field {error}.") from error
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DatasetError(f"{where}: invalid JSON ({error.msg} at column {error.colno}).") from error
+            missing = [key for key in ("id", "question", "options", "gold") if key not in raw]
+            if missing:
+                raise DatasetError(f"{where}: missing field(s) {missing}.")
+            if not isinstance(raw["options"], list):
+                raise DatasetError(f"{where}: `options` must be a list of strings, got {type(raw['options']).__name__}.")
+            if any(option is not None and not isinstance(option, str) for option in raw["options"]):  # None: see validate
+                raise DatasetError(f"{where}: every option must be a string, got {raw['options']!r}.")
+            if not isinstance(raw["gold"], int) or isinstance(raw["gold"], bool):
+                raise DatasetError(f"{where}: `gold` must be the 0-based index of the correct option, got {raw['gold']!r}.")
+            rows.append(MCQuestion(str(raw["id"]), raw["question"], tuple(raw["options"]), raw["gold"], str(raw.get("subject", ""))))
     return validate(rows, name)

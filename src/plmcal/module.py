@@ -22,6 +22,52 @@ FIELDS = ("plm_final", "polm_final", "labels", "plm_lens", "polm_lens", "pdl")
 DACA_FAITHFUL = {"parametrization": "raw", "init_temperature": 1.0, "optimizer": "adam", "lr": 0.1, "epochs": 400, "batch_size": 256}
 
 
+CHOICES = {
+    "loss": ("none", "nll", "daca", "match_all", "dual_align"),
+    "optimizer": ("adam", "sgd", "lbfgs"),
+    "parametrization": ("log", "raw"),
+    "mode": ("robust", "faithful"),
+    "temperature_scope": ("all_post_pdl", "final_only"),
+    "ise_aggregation": ("mean_sq_diff", "sum_sq_diff", "diff_of_means"),
+    "weighting": ("hard", "soft"),
+    "weight_fn": ("final_jsd", "agreement_confidence"),
+    "terms": ("both", "confidence", "process"),
+    "pdl_support": ("options", "full_vocab"),
+}
+
+
+def validate_method(method: dict[str, Any]) -> None:
+    """Raise on any invalid method setting, so that a typo fails before the forward passes."""
+    name = method.get("name", "?")
+    for key, allowed in CHOICES.items():
+        if key in method and method[key] not in allowed:
+            raise ValueError(f"method.{key}={method[key]!r} is invalid for method {name!r}; use one of {list(allowed)}.")
+    if not method.get("fit", True):
+        return
+    checks = {
+        "lr": lambda v: float(v) > 0,
+        "epochs": lambda v: int(v) >= 1 and int(v) == float(v),
+        "init_temperature": lambda v: math.isfinite(float(v)) and float(v) > 0,
+        "max_temperature": lambda v: float(v) > float(method.get("init_temperature", 1.0)),
+        "lam": lambda v: math.isfinite(float(v)) and float(v) >= 0,
+        "max_iter": lambda v: int(v) >= 1,
+    }
+    for key, check in checks.items():
+        if key in method and method[key] is not None:
+            try:
+                valid = check(method[key])
+            except (TypeError, ValueError):
+                valid = False
+            if not valid:
+                raise ValueError(
+                    f"method.{key}={method[key]!r} is invalid for method {name!r}: lr must be > 0, epochs and "
+                    "max_iter whole numbers >= 1, init_temperature > 0, max_temperature above it, lam >= 0."
+                )
+    batch_size = method.get("batch_size")
+    if batch_size is not None and (int(batch_size) < 1 or int(batch_size) != float(batch_size)):
+        raise ValueError(f"method.batch_size={batch_size!r} is invalid; use a positive whole number or null (full batch).")
+
+
 class TemperatureCalibrator(L.LightningModule):
     """Holds the learnable temperature and computes the configured method's loss on a batch.
 
@@ -31,11 +77,13 @@ class TemperatureCalibrator(L.LightningModule):
 
     def __init__(self, method: dict[str, Any]):
         super().__init__()
+        validate_method(method)
         self.save_hyperparameters({"method": method})
         self.method = method
         init = float(method.get("init_temperature", 1.0))
-        if not math.isfinite(init) or init <= 0:
-            raise ValueError(f"method.init_temperature={init!r} is invalid; use a positive number.")
+        # With log T, T is capped: on near-chance data the losses keep falling as T grows, and a T of
+        # 1e6 makes float32 softmax outputs tie. The cap is reported when reached.
+        self.log_max_temperature = math.log(float(method.get("max_temperature") or 1e4))
         self.parametrization = method.get("parametrization", "log")
         if self.parametrization == "log":
             self.raw = torch.nn.Parameter(torch.tensor(math.log(init)))
@@ -47,7 +95,9 @@ class TemperatureCalibrator(L.LightningModule):
 
     @property
     def temperature(self) -> torch.Tensor:
-        return self.raw.exp() if self.parametrization == "log" else self.raw
+        if self.parametrization == "log":
+            return self.raw.clamp(max=self.log_max_temperature).exp()
+        return self.raw
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         kind, t = self.method["loss"], self.temperature
@@ -118,8 +168,8 @@ def _quiet_lightning() -> None:
 def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
     """Fit the temperature with a Lightning Trainer.
 
-    Returns (T, losses): the loss of every optimiser step, then the loss of the fitted T on the
-    whole calibration set as the last entry.
+    Returns (T, losses): the loss of the initial T on the whole calibration set, the loss of every
+    optimiser step, then the loss of the fitted T on the whole calibration set.
     """
     _quiet_lightning()
     L.seed_everything(seed, workers=False, verbose=False)
@@ -128,6 +178,8 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
         drift = {k: method.get(k) for k, v in DACA_FAITHFUL.items() if method.get(k) != v}
         if drift:
             log.warning("DACA faithful mode with settings that differ from the official code: %s", drift)
+    with torch.no_grad():
+        initial_loss, _ = module.loss(tensors)  # full calibration set at the initial T
     recorder = _LossRecorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -160,7 +212,13 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
         )
     with torch.no_grad():
         final_loss, _ = module.loss(tensors)  # full calibration set, comparable across optimisers
-    return temperature, recorder.losses + [float(final_loss)]
+    if module.parametrization == "log" and float(module.raw.detach()) >= module.log_max_temperature:
+        log.warning(
+            "%s: T reached method.max_temperature=%.4g, so the loss still fell as T grew. The PoLM is then close "
+            "to uninformative on this data (or few calibration questions agree); treat the ECE with care.",
+            method["name"], temperature,
+        )
+    return temperature, [float(initial_loss)] + recorder.losses + [float(final_loss)]
 
 
 class _LossRecorder(L.Callback):

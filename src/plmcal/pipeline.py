@@ -149,7 +149,8 @@ def option_mass(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.softmax(losses.fill_absent(logits) / temperature, dim=-1)
+    """(N, K) float64 probabilities: float32 would tie the options of a question at very large T."""
+    return torch.softmax(losses.fill_absent(logits).double() / temperature, dim=-1)
 
 
 def pdl_for(plm: Readout, polm: Readout, support: str) -> torch.Tensor:
@@ -224,10 +225,11 @@ def run_calibration(
         started = time.perf_counter()
         temperature, step_losses = fit_temperature(method, tensors, seed=seed, logger=logger)
         fit_info = {
-            "steps": len(step_losses) - 1,
+            "steps": len(step_losses) - 2,
             "seconds": time.perf_counter() - started,
-            "loss_first_step": step_losses[0],
-            "loss_final_full_batch": step_losses[-1],
+            "loss_initial": step_losses[0],
+            "loss_final": step_losses[-1],
+            "hit_max_temperature": bool(temperature >= float(method.get("max_temperature") or 1e4) * (1 - 1e-4)),
         }
     else:
         temperature = 1.0

@@ -25,7 +25,10 @@ COLUMNS = [
     ("acc %", ("test", "accuracy"), 100),
     ("conf %", ("test", "confidence"), 100),
     ("agree %", ("diagnostics", "agreement_rate"), 100),
+    ("option mass PoLM %", ("diagnostics", "option_mass_polm"), 100),
     ("n test", ("n_test",), None),
+    ("split seed", ("split_seed",), None),
+    ("overrides", ("overrides_text",), None),
 ]
 
 
@@ -43,6 +46,9 @@ def _get(result: dict, path: tuple[str, ...]) -> Any:
 def table_rows(results: Iterable[dict]) -> list[list[str]]:
     rows = []
     for result in results:
+        # Only the overrides that are not already columns tell sweep cells apart.
+        shown = ("pair=", "dataset=", "method=", "prompt=", "split.seed=")
+        result = dict(result, overrides_text=" ".join(o for o in result.get("overrides", []) if not o.startswith(shown)))
         row = []
         for _, path, scale in COLUMNS:
             value = _get(result, path)
@@ -89,6 +95,16 @@ def write_job(result: dict, folder: Path) -> str:
     return write_table(job_rows(result), folder, "results")
 
 
+def write_error(folder: Path, error: BaseException, overrides: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "error.json").write_text(json.dumps({"error": f"{type(error).__name__}: {error}", "overrides": overrides}, indent=1))
+
+
+def collect_errors(sweep_dir: Path) -> list[dict]:
+    """Load the error.json of every failed job under a multirun directory."""
+    return [dict(json.loads(p.read_text()), folder=str(p.parent)) for p in sorted(sweep_dir.rglob("error.json"))]
+
+
 def collect(sweep_dir: Path) -> list[dict]:
     """Load every job's results.json under a multirun directory, in job order."""
     found = []
@@ -98,3 +114,15 @@ def collect(sweep_dir: Path) -> list[dict]:
         except json.JSONDecodeError as error:
             log.warning("Skipping unreadable %s: %s", path, error)
     return found
+
+
+if __name__ == "__main__":
+    import sys
+
+    # Rebuild a multirun's comparison table: python -m plmcal.report outputs/multiruns/<time>
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python -m plmcal.report MULTIRUN_DIR")
+    folder = Path(sys.argv[1])
+    found = collect(folder)
+    found.sort(key=lambda r: (r.get("pair", ""), r.get("dataset", ""), METHOD_ORDER.get(r.get("method"), 99)))
+    print(write_table(found, folder, "comparison"))

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plmcal import assets, lens, models, pipeline, report
 from plmcal.cache import ReadoutCache
+from plmcal.module import validate_method
 from plmcal.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,15 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     plm_spec = models.ModelSpec.from_config(cfg.pair.plm)
     polm_spec = models.ModelSpec.from_config(cfg.pair.polm)
     method = OmegaConf.to_container(cfg.method, resolve=True)
+    try:
+        validate_method(method)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    split_cfg = OmegaConf.to_container(cfg.split, resolve=True)
+    if not 0.0 < float(split_cfg.get("test_size", 0.7)) < 1.0:
+        raise ConfigError(f"split.test_size={split_cfg.get('test_size')!r} is invalid; use a fraction in (0, 1), 0.7 in DACA.")
+    if method.get("pdl_support") == "full_vocab" and not cfg.readout.full_vocab_lse:
+        raise ConfigError("method.pdl_support=full_vocab needs readout.full_vocab_lse=true.")
     if method.get("loss") == "dual_align" and not cfg.readout.lens:
         raise ConfigError("method=dual_align needs readout.lens=true (per-layer read-outs).")
 
@@ -138,11 +148,18 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
             "n_layers": {"plm": readouts["plm"].n_layers, "polm": readouts["polm"].n_layers},
             "seed": int(cfg.seed),
             "split_seed": int(cfg.split.seed),
+            "overrides": _task_overrides(),
+            "method_settings": method,
             "wall_seconds": time.perf_counter() - started,
         }
         table = report.write_job(result, run_dir)
         if wandb_run is not None:
             log_to_wandb(wandb_run, result, run_dir)
+    except BaseException:
+        if wandb_run is not None:
+            wandb_run.finish(exit_code=1)  # marks the W&B run as failed
+            wandb_run = None
+        raise
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -152,6 +169,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         print(f"\n{cfg.method.name} on {cfg.dataset.name} ({cfg.pair.name}), results in {run_dir}\n{table}\n", flush=True)
     return result
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _is_multirun() -> bool:
@@ -166,7 +189,16 @@ def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = run_job(cfg, run_dir)
+    try:
+        result = run_job(cfg, run_dir)
+    except Exception as error:
+        # In a sweep one failing cell must not hide the others: the error goes to this job's log and
+        # error.json, the comparison table lists it, and the sweep goes on.
+        log.exception("Job failed: %s", error)
+        report.write_error(run_dir, error, _task_overrides())
+        if not _is_multirun():
+            raise
+        return float("nan")
     return result["test"]["ece"]  # the value an hparams sweeper would minimise
 
 
