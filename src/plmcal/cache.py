@@ -56,6 +56,8 @@ class ReadoutCache:
         folder = self.entry_dir(key)
         tensor_path, meta_path = folder / TENSOR_FILE, folder / META_FILE
         if not meta_path.exists():
+            if tensor_path.exists():
+                log.warning("Read-out cache entry %s has no %s; recomputing it.", folder, META_FILE)
             return None
         try:
             meta = json.loads(meta_path.read_text())
@@ -68,13 +70,13 @@ class ReadoutCache:
                 raise CacheCorruptError(f"sha256 of {TENSOR_FILE} is {actual}, meta.json records {meta.get('sha256')}")
             tensors = load_file(str(tensor_path))
         except (CacheCorruptError, json.JSONDecodeError, OSError, RuntimeError, ValueError) as error:
-            message = (
-                f"corrupt read-out cache entry {folder}: {error}. Delete that folder, or run with "
-                "cache.on_corrupt=recompute to redo this read-out (other entries are kept)."
-            )
+            message = f"corrupt read-out cache entry {folder}: {error}."
             if self.on_corrupt == "raise":
-                raise CacheCorruptError(message) from error
-            log.warning("%s Recomputing.", message)
+                raise CacheCorruptError(
+                    f"{message} Delete that folder, or run with cache.on_corrupt=recompute to redo this read-out "
+                    "(other entries are kept)."
+                ) from error
+            log.warning("%s Recomputing it (cache.on_corrupt=recompute).", message)
             shutil.rmtree(folder, ignore_errors=True)
             return None
         log.info("Read-out cache hit: %s", folder)

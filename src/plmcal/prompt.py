@@ -71,7 +71,10 @@ class PromptSpec:
 
     def option_strings(self, n_options: int) -> list[str]:
         if n_options > len(self.letters):
-            raise PromptError(f"{n_options} options but prompt.letters has only {len(self.letters)} letters.")
+            raise PromptError(
+                f"the dataset has questions with {n_options} options but prompt.letters={self.letters!r} has only "
+                f"{len(self.letters)} letters; give at least {n_options} letters (default ABCDEFGHIJ)."
+            )
         return [self.option_token.format(letter=letter) for letter in self.letters[:n_options]]
 
     def render_block(self, question: MCQuestion) -> str:
