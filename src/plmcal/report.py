@@ -47,8 +47,9 @@ def table_rows(results: Iterable[dict]) -> list[list[str]]:
     rows = []
     for result in results:
         # Only the overrides that are not already columns tell sweep cells apart.
-        shown = ("pair=", "dataset=", "method=", "prompt=", "split.seed=")
-        result = dict(result, overrides_text=" ".join(o for o in result.get("overrides", []) if not o.startswith(shown)))
+        column_prefixes = ("pair=", "dataset=", "method=", "prompt=", "split.seed=")
+        extra = [o for o in result.get("overrides", []) if not o.startswith(column_prefixes)]
+        result = dict(result, overrides_text=" ".join(extra))
         row = []
         for _, path, scale in COLUMNS:
             value = _get(result, path)

@@ -1,7 +1,7 @@
 """Hydra entry point: ``python -m plmcal.run [overrides]`` runs one calibration job.
 
-A multirun (``-m`` or an experiment that sets ``hydra.mode=MULTIRUN``) runs one job per sweep cell;
-the read-out cache makes every cell over the same (model, dataset, prompt) reuse one forward pass.
+A multirun (``-m`` or an experiment that sets ``hydra.mode=MULTIRUN``) runs one job per sweep cell.
+The read-out cache lets every cell over the same (model, dataset, prompt) reuse one forward pass.
 """
 
 from __future__ import annotations
