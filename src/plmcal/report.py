@@ -47,7 +47,7 @@ def table_rows(results: Iterable[dict]) -> list[list[str]]:
     rows = []
     for result in results:
         # Only the overrides that are not already columns tell sweep cells apart.
-        column_prefixes = ("pair=", "dataset=", "method=", "prompt=", "split.seed=")
+        column_prefixes = ("pair=", "dataset=", "method=", "prompt=", "split.seed=", "experiment=")
         extra = [o for o in result.get("overrides", []) if not o.startswith(column_prefixes)]
         result = dict(result, overrides_text=" ".join(extra))
         row = []
