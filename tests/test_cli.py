@@ -41,7 +41,8 @@ def test_table_methods(multirun):
     completed, _ = multirun
     lines = completed.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if "ECE %" in line)
-    methods = [line.split("|")[3].strip() for line in lines[first + 2 : first + 4]]
+    method_column = [cell.strip() for cell in lines[first].split("|")].index("method")
+    methods = [line.split("|")[method_column].strip() for line in lines[first + 2 : first + 4]]
     assert methods == ["vanilla", "daca"]
 
 

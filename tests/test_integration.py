@@ -113,9 +113,10 @@ def test_cross_cached(cross_run, embedded_cache, tmp_path, monkeypatch):
 
 
 def test_same_family_dual_align(embedded_cache, tmp_path):
-    # 20 questions leave 6 for calibration, so an agreeing question is likely; 20 epochs keep the
-    # fit short (test_fit covers the full 400-epoch loop).
-    cfg = job_config(SAME_PAIR, "dual_align", tmp_path, embedded_cache, "method.epochs=20", limit=20)
+    # The spaced prompt, as in the main job: with the official trailing-space prompt the two
+    # embedded models never agree on an answer. 30 questions leave 9 for calibration; 20 epochs keep
+    # the fit short (test_fit covers the full 400-epoch loop).
+    cfg = job_config(SAME_PAIR, "dual_align", tmp_path, embedded_cache, "method.epochs=20", "prompt=daca_spaced", limit=30)
     adapter = Path(OmegaConf.to_container(cfg.pair, resolve=True)["polm"]["adapter"])
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (adapter / name).exists()]
     if missing:
