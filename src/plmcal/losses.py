@@ -54,7 +54,7 @@ def nll_loss(polm_logits: torch.Tensor, labels: torch.Tensor, temperature: torch
 
 # --- DACA -----------------------------------------------------------------------------------------
 def daca_loss_faithful(plm_logits: torch.Tensor, polm_logits: torch.Tensor, temperature: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The loss of the official DACA code, operation for operation.
+    """Compute the loss of the official DACA code, operation for operation.
 
     Cross-entropy -sum p_g log q_f with both probabilities clamped to [eps, 1 - eps], disagreeing rows
     set to 0, and the mean taken over the whole batch (agreeing and disagreeing rows alike).
@@ -74,9 +74,9 @@ def daca_loss_faithful(plm_logits: torch.Tensor, polm_logits: torch.Tensor, temp
 def daca_loss(plm_logits: torch.Tensor, polm_logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """KL(p_PLM || p_PoLM/T) averaged over agreeing rows only (the robust default mode).
 
-    Equals the faithful loss up to a constant and a positive factor on a full batch, so its minimiser
-    is the same; the mean over agreeing rows keeps the gradient scale independent of the agreement
-    rate. Raises when no row agrees, because the loss is then undefined.
+    On a full batch it equals the faithful loss up to a constant and a positive factor, so both have
+    the same minimiser. The mean over agreeing rows keeps the gradient scale independent of the
+    agreement rate. Raises when no row agrees, because the loss is then undefined.
     """
     mask = agreement(plm_logits, polm_logits)
     if not mask.any():

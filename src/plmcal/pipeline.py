@@ -72,6 +72,15 @@ def check_option_tokens(pair_tokenizers: dict[str, Any], option_strings: list[st
     return resolved
 
 
+def require_equal_depth(method_name: str, plm_name: str, plm_depth: int, polm_name: str, polm_depth: int) -> None:
+    """Raise unless both models have the same number of layers (the layer-wise methods need it)."""
+    if plm_depth != polm_depth:
+        raise PipelineError(
+            f"{method_name} needs PLM and PoLM of equal depth, got {plm_name} with {plm_depth} layers and "
+            f"{polm_name} with {polm_depth}. Use a same-family pair, or a final-layer method (vanilla, ts_oracle, daca)."
+        )
+
+
 def check_finite(readout: Readout, dataset: str, rows: list[data.MCQuestion]) -> None:
     """Raise when any read-out value is NaN or +-inf outside the absent-option columns."""
     n_options = readout.tensors["n_options"]
@@ -197,11 +206,7 @@ def run_calibration(
     if needs_lens:
         if plm.n_layers == 0 or polm.n_layers == 0:
             raise PipelineError(f"{name} needs per-layer read-outs; set readout.lens=true.")
-        if plm.n_layers != polm.n_layers:
-            raise PipelineError(
-                f"{name} needs PLM and PoLM of equal depth, got {plm.spec.name} with {plm.n_layers} layers and "
-                f"{polm.spec.name} with {polm.n_layers}. Use a same-family pair, or a final-layer method (vanilla, ts_oracle, daca)."
-            )
+        require_equal_depth(name, plm.spec.name, plm.n_layers, polm.spec.name, polm.n_layers)
         pdl = pdl_for(plm, polm, method.get("pdl_support", "options"))
         tensors |= {
             "plm_lens": plm.tensors["lens_option_logits"][calibration_index],

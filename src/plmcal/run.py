@@ -105,12 +105,9 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
     if method.get("loss") == "dual_align":
         # Checked from the configs so that a mismatch fails before any forward pass.
-        plm_depth, polm_depth = models.num_layers(plm_spec, cache_dir), models.num_layers(polm_spec, cache_dir)
-        if plm_depth != polm_depth:
-            raise pipeline.PipelineError(
-                f"{method['name']} needs PLM and PoLM of equal depth, got {plm_spec.name} with {plm_depth} layers and "
-                f"{polm_spec.name} with {polm_depth}. Use a same-family pair, or a final-layer method (vanilla, ts_oracle, daca)."
-            )
+        pipeline.require_equal_depth(
+            method["name"], plm_spec.name, models.num_layers(plm_spec, cache_dir), polm_spec.name, models.num_layers(polm_spec, cache_dir)
+        )
 
     rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
     option_strings = prompt.option_strings(max(len(row.options) for row in rows))
