@@ -180,3 +180,21 @@ def test_parts_found(arch, tiny_models):
 
 def test_gemma_softcap_found(tiny_models):
     assert lens.find_parts(tiny_models["gemma3"]).softcap == 5.0
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_topk_final_logits(arch, tiny_models, daca_prompt, rows):
+    # The last layer's top-k equals the top-k of the model's own logits on the unpadded prompt.
+    out, _, prompts = read(tiny_models[arch], make_char_tokenizer(), daca_prompt, rows, batch_size=6, topk=4)
+    assert out["lens_topk_logits"].shape == (len(rows), TINY_LAYERS, 4)
+    encoded = make_char_tokenizer()(prompts[0], return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny_models[arch](**encoded).logits[0, -1]
+    top = torch.topk(logits, 4)
+    assert_close(out["lens_topk_logits"][0, -1], top.values, **BATCH_TOL)
+    assert out["lens_topk_ids"][0, -1].tolist() == top.indices.tolist()
+
+
+def test_topk_needs_lse():
+    with pytest.raises(ValueError, match="readout.topk=4 needs"):
+        lens.ReadoutSettings(topk=4, full_vocab_lse=False)

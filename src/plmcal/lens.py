@@ -78,14 +78,22 @@ class ReadoutSettings:
     lens: bool = True  # per-layer option logits; off for final-layer-only pairs
     full_vocab_lse: bool = True  # per-layer logsumexp over the whole vocabulary (option mass)
     sort_by_length: bool = True  # batches of similar length waste less compute on padding
+    topk: int = 0  # per-layer top-k vocabulary logits and ids (the "topk" support of Dual-Align); 0 = off
 
     def __post_init__(self):
         if int(self.batch_size) < 1:
             raise ValueError(f"readout.batch_size={self.batch_size!r} is invalid; use a positive count.")
+        if int(self.topk) < 0 or int(self.topk) != float(self.topk):
+            raise ValueError(f"readout.topk={self.topk!r} is invalid; use 0 (off) or a positive whole number such as 16.")
+        if int(self.topk) > 0 and not (self.lens and self.full_vocab_lse):
+            raise ValueError(f"readout.topk={self.topk} needs readout.lens=true and readout.full_vocab_lse=true; set readout.topk=0 otherwise.")
 
     def key(self) -> dict:
         # batch_size and sorting change results only by float rounding; they stay out of the key.
-        return {"dtype": self.dtype, "lens": self.lens, "full_vocab_lse": self.full_vocab_lse}
+        key = {"dtype": self.dtype, "lens": self.lens, "full_vocab_lse": self.full_vocab_lse}
+        if int(self.topk) > 0:
+            key["topk"] = int(self.topk)
+        return key
 
 
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -118,6 +126,7 @@ def extract(
       final_option_logits (N, K): the model's real next-token logits on the option tokens;
       lens_option_logits (N, L, K): logit-lens logits on the option tokens, layer 1..L;
       lens_logsumexp (N, L) and final_logsumexp (N,): logsumexp over the full vocabulary;
+      lens_topk_logits (N, L, k) and lens_topk_ids (N, L, k), when settings.topk = k > 0;
       greedy_token (N,): argmax over the full vocabulary; prompt_tokens (N,).
     Option columns past a question's own option count are set to -inf.
 
@@ -147,6 +156,9 @@ def extract(
         out["lens_option_logits"] = torch.empty(n_prompts, n_layers, k_max)
         if settings.full_vocab_lse:
             out["lens_logsumexp"] = torch.empty(n_prompts, n_layers)
+        if int(settings.topk) > 0:
+            out["lens_topk_logits"] = torch.empty(n_prompts, n_layers, int(settings.topk))
+            out["lens_topk_ids"] = torch.empty(n_prompts, n_layers, int(settings.topk), dtype=torch.int32)
 
     captured: list[torch.Tensor] = []
 
@@ -182,6 +194,10 @@ def extract(
                     lens_logits = _softcap(parts.unembed(normed).float(), parts.softcap)  # (B, L, V)
                     out["lens_option_logits"][rows] = lens_logits[..., option_index].cpu()
                     out["lens_logsumexp"][rows] = torch.logsumexp(lens_logits, dim=-1).cpu()
+                    if int(settings.topk) > 0:
+                        top = torch.topk(lens_logits, int(settings.topk), dim=-1)
+                        out["lens_topk_logits"][rows] = top.values.cpu()
+                        out["lens_topk_ids"][rows] = top.indices.to(torch.int32).cpu()
                 else:
                     # Only the K option rows of the unembedding: (B, L, D) @ (D, K).
                     option_logits = nn.functional.linear(normed, parts.unembed.weight[option_index], _bias_rows(parts.unembed, option_index))

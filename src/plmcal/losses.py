@@ -147,29 +147,49 @@ def process_term(plm_entropy: torch.Tensor, polm_entropy: torch.Tensor, mask: to
     raise ValueError(f"ise_aggregation={aggregation!r} is invalid; use mean_sq_diff, sum_sq_diff or diff_of_means.")
 
 
+WEIGHTINGS = ("hard", "soft", "soft_all")
+WEIGHT_FUNCTIONS = ("final_jsd", "agreement_confidence", "pdl_jump")
+
+
+def drift_score(plm_lens: torch.Tensor, polm_lens: torch.Tensor, weight_fn: str) -> torch.Tensor:
+    """(N,) per-row process-drift score s in [0, 1], without gradient.
+
+    final_jsd: JSD of the two final option distributions / ln 2;
+    agreement_confidence: 1 - min(PLM confidence, PoLM confidence);
+    pdl_jump: the height of the largest layer-to-layer JSD change (the PDL's jump) / ln 2.
+    """
+    if weight_fn == "final_jsd":
+        score = layer_divergence(plm_lens[:, -1:], polm_lens[:, -1:])[:, 0] / LN2
+    elif weight_fn == "agreement_confidence":
+        conf_plm = torch.softmax(fill_absent(plm_lens[:, -1]), dim=-1).max(dim=-1).values
+        conf_polm = torch.softmax(fill_absent(polm_lens[:, -1]), dim=-1).max(dim=-1).values
+        score = 1.0 - torch.minimum(conf_plm, conf_polm)
+    elif weight_fn == "pdl_jump":
+        divergence = layer_divergence(plm_lens, polm_lens)
+        score = (divergence[:, 1:] - divergence[:, :-1]).abs().amax(dim=1) / LN2
+    else:
+        raise ValueError(f"weight_fn={weight_fn!r} is invalid; use one of {list(WEIGHT_FUNCTIONS)}.")
+    return score.clamp(0.0, 1.0).detach()
+
+
 def sample_weights(plm_lens: torch.Tensor, polm_lens: torch.Tensor, weighting: str, weight_fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) weights of the confidence and the process term.
 
     hard: agreement -> (1, 0), disagreement -> (0, 1).
-    soft: agreeing rows keep confidence weight 1 - s and process weight s, disagreeing rows get
-    (0, 1), where s in [0, 1] is a per-row drift score: "final_jsd" = JSD of the final layer / ln 2,
-    "agreement_confidence" = 1 - min(PLM confidence, PoLM confidence). Disagreeing rows never get
-    confidence weight because the KL optimum on them drives T to infinity.
+    soft: agreeing rows get confidence weight 1 - s and process weight s, disagreeing rows (0, 1),
+    where s = drift_score(weight_fn). Disagreeing rows get no confidence weight because the KL
+    optimum on them drives T to infinity (DACA's argument).
+    soft_all: every row gets (1 - s, s), disagreeing rows included: the reading in which weighting
+    replaces the split entirely.
     """
     agree = agreement(plm_lens[:, -1], polm_lens[:, -1]).to(plm_lens.dtype)
     if weighting == "hard":
         return agree, 1.0 - agree
-    if weighting != "soft":
-        raise ValueError(f"weighting={weighting!r} is invalid; use 'hard' or 'soft'.")
-    if weight_fn == "final_jsd":
-        score = layer_divergence(plm_lens[:, -1:], polm_lens[:, -1:])[:, 0] / LN2
-    elif weight_fn == "agreement_confidence":
-        conf_plm = torch.softmax(plm_lens[:, -1], dim=-1).max(dim=-1).values
-        conf_polm = torch.softmax(polm_lens[:, -1], dim=-1).max(dim=-1).values
-        score = 1.0 - torch.minimum(conf_plm, conf_polm)
-    else:
-        raise ValueError(f"weight_fn={weight_fn!r} is invalid; use 'final_jsd' or 'agreement_confidence'.")
-    score = score.clamp(0.0, 1.0).detach()
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} is invalid; use one of {list(WEIGHTINGS)}.")
+    score = drift_score(plm_lens, polm_lens, weight_fn)
+    if weighting == "soft_all":
+        return 1.0 - score, score
     return agree * (1.0 - score), agree * score + (1.0 - agree)
 
 
@@ -185,19 +205,25 @@ def dual_align_loss(
     weight_fn: str,
     pdl: torch.Tensor | None = None,
     terms: str = "both",
+    plm_support: torch.Tensor | None = None,
+    polm_support: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Reconstructed Dual-Align objective on (N, L, K) lens logits; returns (loss, parts for logging).
 
     loss = mean_x [ w_conf(x) KL(p_PLM^L || p_PoLM^L / T) + lam * w_proc(x) ISE-mismatch(x) ].
-    ``terms`` selects "both", "confidence" or "process" for the ablations.
+    ``terms`` selects "both", "confidence" or "process" for the ablations. The layer entropies of
+    the process term are taken over ``*_support`` (N, L, B) bin logits (see ``support_logits``);
+    by default over the option logits themselves.
     """
     if pdl is None:
         pdl = peak_divergence_layer(layer_divergence(plm_lens, polm_lens))
+    plm_support = plm_lens if plm_support is None else plm_support
+    polm_support = polm_lens if polm_support is None else polm_support
     w_conf, w_proc = sample_weights(plm_lens, polm_lens, weighting, weight_fn)
     confidence = kl_divergence(masked_log_softmax(plm_lens[:, -1]), masked_log_softmax(fill_absent(polm_lens[:, -1]) / temperature))
     mask = post_pdl_mask(pdl, plm_lens.shape[1])
-    h_plm = layer_entropies(plm_lens, 1.0, "all_post_pdl")
-    h_polm = layer_entropies(polm_lens, temperature, temperature_scope)
+    h_plm = layer_entropies(plm_support, 1.0, "all_post_pdl")
+    h_polm = layer_entropies(polm_support, temperature, temperature_scope)
     process = process_term(h_plm, h_polm, mask, ise_aggregation)
     use_conf = terms in ("both", "confidence")
     use_proc = terms in ("both", "process")
@@ -205,3 +231,64 @@ def dual_align_loss(
         raise ValueError(f"terms={terms!r} is invalid; use both, confidence or process.")
     loss = (w_conf * confidence * use_conf + lam * w_proc * process * use_proc).mean()
     return loss, {"confidence_term": (w_conf * confidence).mean().detach(), "process_term": (w_proc * process).mean().detach()}
+
+
+# --- supports of the layer distributions ----------------------------------------------------------
+# The diagnosis and the process term compare per-layer distributions. "options" uses the K option
+# tokens; the other supports partition the vocabulary into bins: "full_vocab" = the K options plus
+# one bin for the rest of the vocabulary; "topk" = the options, the layer's top-k tokens, and one
+# bin for the rest. A bin's logit is the logsumexp of its tokens' logits, so at T = 1 each bin holds
+# its exact probability. NOTE (approximation): dividing the rest bin's logit by T tempers it as if it
+# were one token; exact tempering of the full vocabulary needs every logit, which is not cached.
+SUPPORTS = ("options", "full_vocab", "topk")
+
+
+def _rest_bin(bins: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """(..., B + 1): ``bins`` plus one logit holding log of the vocabulary mass outside them."""
+    listed = torch.logsumexp(fill_absent(bins), dim=-1)  # (...)
+    share = (listed - lse).exp().clamp(max=1.0 - 1e-6)
+    rest = lse + torch.log1p(-share)
+    return torch.cat([bins, rest[..., None]], dim=-1)
+
+
+def _topk_non_options(lens_logits: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor, option_ids: torch.Tensor) -> torch.Tensor:
+    """(N, L, k) top-k logits with -inf where the token is one of the question's own options."""
+    present = torch.isfinite(lens_logits[:, :1, :])  # (N, 1, K): option columns of each question
+    is_option = ((topk_ids.long()[..., None] == option_ids) & present[:, :, None, :]).any(dim=-1)
+    return torch.where(is_option, torch.full_like(topk_logits, float("-inf")), topk_logits)
+
+
+def support_logits(support: str, lens_logits: torch.Tensor, lse: torch.Tensor | None = None, topk_logits: torch.Tensor | None = None,
+                   topk_ids: torch.Tensor | None = None, option_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, L, B) bin logits of one model's layer distributions over ``support``."""
+    if support == "options":
+        return lens_logits
+    if lse is None:
+        raise ValueError(f"support={support!r} needs the per-layer logsumexp (readout.full_vocab_lse=true).")
+    if support == "full_vocab":
+        return _rest_bin(lens_logits, lse)
+    if support == "topk":
+        if topk_logits is None or topk_ids is None or option_ids is None:
+            raise ValueError("support='topk' needs per-layer top-k logits; set readout.topk to a positive k (e.g. 16).")
+        bins = torch.cat([lens_logits, _topk_non_options(lens_logits, topk_logits, topk_ids, option_ids)], dim=-1)
+        return _rest_bin(bins, lse)
+    raise ValueError(f"support={support!r} is invalid; use one of {list(SUPPORTS)}.")
+
+
+def shared_topk_logits(plm: dict[str, torch.Tensor], polm: dict[str, torch.Tensor], option_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, L, K + k + 1) bin logits of both models on one common partition, for their JSD.
+
+    Each model lists different top-k tokens. A token gets its own bin only when it is in both lists
+    (both logits known); every other token falls into the rest bin of both models. The JSD on this
+    coarser partition is a lower bound of the JSD on the full vocabulary.
+    Each dict holds lens_option_logits, lens_logsumexp, lens_topk_logits and lens_topk_ids.
+    """
+    plm_ids, polm_ids = plm["lens_topk_ids"].long(), polm["lens_topk_ids"].long()
+    match = plm_ids[..., :, None] == polm_ids[..., None, :]  # (N, L, k, k)
+    plm_top = _topk_non_options(plm["lens_option_logits"], plm["lens_topk_logits"], plm_ids, option_ids)
+    common = match.any(dim=-1) & torch.isfinite(plm_top)
+    polm_on_plm_ids = (match.to(polm["lens_topk_logits"].dtype) * polm["lens_topk_logits"][..., None, :]).sum(dim=-1)
+    neg_inf = torch.full_like(plm_top, float("-inf"))
+    plm_bins = torch.cat([plm["lens_option_logits"], torch.where(common, plm_top, neg_inf)], dim=-1)
+    polm_bins = torch.cat([polm["lens_option_logits"], torch.where(common, polm_on_plm_ids, neg_inf)], dim=-1)
+    return _rest_bin(plm_bins, plm["lens_logsumexp"]), _rest_bin(polm_bins, polm["lens_logsumexp"])

@@ -16,7 +16,7 @@ from plmcal import losses
 log = logging.getLogger(__name__)
 
 # Field order of the tensors in each batch.
-FIELDS = ("plm_final", "polm_final", "labels", "plm_lens", "polm_lens", "pdl")
+FIELDS = ("plm_final", "polm_final", "labels", "plm_lens", "polm_lens", "pdl", "plm_support", "polm_support")
 
 # Settings of the official DACA optimisation loop (calibration/optimization.py of the DACA code).
 DACA_FAITHFUL = {"parametrization": "raw", "init_temperature": 1.0, "optimizer": "adam", "lr": 0.1, "epochs": 400, "batch_size": 256}
@@ -29,10 +29,10 @@ CHOICES = {
     "mode": ("robust", "faithful"),
     "temperature_scope": ("all_post_pdl", "final_only"),
     "ise_aggregation": ("mean_sq_diff", "sum_sq_diff", "diff_of_means"),
-    "weighting": ("hard", "soft"),
-    "weight_fn": ("final_jsd", "agreement_confidence"),
+    "weighting": losses.WEIGHTINGS,
+    "weight_fn": losses.WEIGHT_FUNCTIONS,
     "terms": ("both", "confidence", "process"),
-    "pdl_support": ("options", "full_vocab"),
+    "support": losses.SUPPORTS,
 }
 
 
@@ -63,6 +63,12 @@ def validate_method(method: dict[str, Any]) -> None:
                     f"method.{key}={method[key]!r} is invalid for method {name!r}: lr must be > 0, epochs and "
                     "max_iter whole numbers >= 1, init_temperature > 0, max_temperature above it, lam >= 0."
                 )
+    kwargs = method.get("optimizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"method.optimizer_kwargs={kwargs!r} is invalid; use a mapping such as {{betas: [0.9, 0.999]}}.")
+    if "lr" in kwargs or "params" in kwargs:
+        raise ValueError("method.optimizer_kwargs must not hold lr or params; set method.lr instead.")
+    build_optimizer(method, [torch.nn.Parameter(torch.zeros(()))])  # unknown optimizer_kwargs fail here
     batch_size = method.get("batch_size")
     if batch_size is not None and (int(batch_size) < 1 or int(batch_size) != float(batch_size)):
         raise ValueError(f"method.batch_size={batch_size!r} is invalid; use a positive whole number or null (full batch).")
@@ -121,6 +127,8 @@ class TemperatureCalibrator(L.LightningModule):
                 weight_fn=self.method["weight_fn"],
                 pdl=batch["pdl"],
                 terms=self.method.get("terms", "both"),
+                plm_support=batch.get("plm_support"),
+                polm_support=batch.get("polm_support"),
             )
         raise ValueError(f"method.loss={kind!r} is invalid; use nll, daca, match_all or dual_align.")
 
@@ -135,19 +143,29 @@ class TemperatureCalibrator(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        name, lr = self.method["optimizer"], float(self.method["lr"])
-        if name == "adam":
-            return torch.optim.Adam([self.raw], lr=lr)
-        if name == "sgd":
-            return torch.optim.SGD([self.raw], lr=lr)
-        if name == "lbfgs":
-            return torch.optim.LBFGS([self.raw], lr=lr, max_iter=int(self.method.get("max_iter", 100)), line_search_fn="strong_wolfe")
+        return build_optimizer(self.method, [self.raw])
+
+
+def build_optimizer(method: dict[str, Any], params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The configured optimiser; ``method.optimizer_kwargs`` passes extra settings (betas, momentum, ...)."""
+    name, lr = method["optimizer"], float(method["lr"])
+    kwargs = dict(method.get("optimizer_kwargs") or {})
+    if name == "lbfgs":
+        kwargs = {"max_iter": int(method.get("max_iter", 100)), "line_search_fn": "strong_wolfe"} | kwargs
+    classes = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "lbfgs": torch.optim.LBFGS}
+    if name not in classes:
         raise ValueError(f"method.optimizer={name!r} is invalid; use adam, sgd or lbfgs.")
+    try:
+        return classes[name](params, lr=lr, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"method.optimizer_kwargs={kwargs!r} is invalid for {classes[name].__name__}: {error}") from error
 
 
 def make_loader(tensors: dict[str, torch.Tensor], batch_size: int | None, seed: int) -> DataLoader:
     """Build a shuffled loader over the calibration rows; ``batch_size=None`` means one full batch."""
     n = tensors["labels"].shape[0]
+    # Without a separate support, the layer entropies are taken over the option logits.
+    tensors = {"plm_support": tensors.get("plm_lens"), "polm_support": tensors.get("polm_lens")} | tensors
     dataset = TensorDataset(*(tensors[name] for name in FIELDS))
     size = n if batch_size is None else int(batch_size)
     if size < 1:

@@ -162,24 +162,48 @@ def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(losses.fill_absent(logits).double() / temperature, dim=-1)
 
 
-def pdl_for(plm: Readout, polm: Readout, support: str) -> torch.Tensor:
-    """Peak divergence layer per question, from option-only or full-vocabulary (K + 1 bins) support."""
-    plm_lens, polm_lens = plm.tensors["lens_option_logits"], polm.tensors["lens_option_logits"]
+def _lens_tensors(readout: Readout, support: str) -> dict[str, torch.Tensor]:
+    needed = {"options": ("lens_option_logits",), "full_vocab": ("lens_option_logits", "lens_logsumexp"),
+              "topk": ("lens_option_logits", "lens_logsumexp", "lens_topk_logits", "lens_topk_ids")}[support]
+    missing = [name for name in needed if name not in readout.tensors]
+    if missing:
+        fix = "readout.topk=16" if "lens_topk_ids" in missing else "readout.full_vocab_lse=true"
+        raise PipelineError(f"method.support={support} needs {missing} in the read-out of {readout.spec.name}; set {fix}.")
+    return {name: readout.tensors[name] for name in needed}
+
+
+def check_support(support: str) -> None:
+    if support not in losses.SUPPORTS:
+        raise PipelineError(f"method.support={support!r} is invalid; use one of {list(losses.SUPPORTS)}.")
+
+
+def layer_divergence_for(plm: Readout, polm: Readout, support: str) -> torch.Tensor:
+    """(N, L) JSD between the two models' layer distributions over ``support``."""
+    check_support(support)
+    a, b = _lens_tensors(plm, support), _lens_tensors(polm, support)
     if support == "options":
-        return losses.peak_divergence_layer(losses.layer_divergence(plm_lens, polm_lens))
+        return losses.layer_divergence(a["lens_option_logits"], b["lens_option_logits"])
     if support == "full_vocab":
-        if "lens_logsumexp" not in plm.tensors or "lens_logsumexp" not in polm.tensors:
-            raise PipelineError("method.pdl_support=full_vocab needs readout.full_vocab_lse=true.")
-        divergence = losses.jensen_shannon(_with_rest(plm_lens, plm.tensors["lens_logsumexp"]), _with_rest(polm_lens, polm.tensors["lens_logsumexp"]))
-        return losses.peak_divergence_layer(divergence)
-    raise PipelineError(f"method.pdl_support={support!r} is invalid; use 'options' or 'full_vocab'.")
+        log_a = losses.masked_log_softmax(losses.support_logits("full_vocab", a["lens_option_logits"], a["lens_logsumexp"]))
+        log_b = losses.masked_log_softmax(losses.support_logits("full_vocab", b["lens_option_logits"], b["lens_logsumexp"]))
+        return losses.jensen_shannon(log_a, log_b)
+    if plm.option_ids != polm.option_ids:
+        raise PipelineError("method.support=topk compares token ids, so both models need the same tokenizer; use support=options.")
+    bins_a, bins_b = losses.shared_topk_logits(a, b, torch.tensor(plm.option_ids))
+    return losses.jensen_shannon(losses.masked_log_softmax(bins_a), losses.masked_log_softmax(bins_b))
 
 
-def _with_rest(lens_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """(N, L, K+1) log-probabilities over the options plus one bin for the rest of the vocabulary."""
-    log_options = losses.fill_absent(lens_logits) - lse[..., None]
-    rest = (1.0 - log_options.exp().sum(dim=-1)).clamp(min=1e-12).log()
-    return torch.cat([log_options, rest[..., None]], dim=-1)
+def pdl_for(plm: Readout, polm: Readout, support: str) -> torch.Tensor:
+    """Peak divergence layer per question, from the JSD over ``support``."""
+    return losses.peak_divergence_layer(layer_divergence_for(plm, polm, support))
+
+
+def support_for(readout: Readout, support: str) -> torch.Tensor:
+    """(N, L, B) bin logits of one model's layer distributions over ``support`` (for the entropies)."""
+    check_support(support)
+    t = _lens_tensors(readout, support)
+    return losses.support_logits(support, t["lens_option_logits"], t.get("lens_logsumexp"), t.get("lens_topk_logits"),
+                                 t.get("lens_topk_ids"), torch.tensor(readout.option_ids))
 
 
 def evaluate(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, float]:
@@ -207,15 +231,19 @@ def run_calibration(
         if plm.n_layers == 0 or polm.n_layers == 0:
             raise PipelineError(f"{name} needs per-layer read-outs; set readout.lens=true.")
         require_equal_depth(name, plm.spec.name, plm.n_layers, polm.spec.name, polm.n_layers)
-        pdl = pdl_for(plm, polm, method.get("pdl_support", "options"))
+        support = method.get("support", "options")
+        pdl = pdl_for(plm, polm, support)
         tensors |= {
             "plm_lens": plm.tensors["lens_option_logits"][calibration_index],
             "polm_lens": polm.tensors["lens_option_logits"][calibration_index],
             "pdl": pdl[calibration_index],
+            "plm_support": support_for(plm, support)[calibration_index],
+            "polm_support": support_for(polm, support)[calibration_index],
         }
     else:
         empty = torch.zeros(len(calibration_index), 1, 1)
-        tensors |= {"plm_lens": empty, "polm_lens": empty, "pdl": torch.zeros(len(calibration_index), dtype=torch.long)}
+        tensors |= {"plm_lens": empty, "polm_lens": empty, "pdl": torch.zeros(len(calibration_index), dtype=torch.long),
+                    "plm_support": empty, "polm_support": empty}
 
     n_agree = int(agree[calibration_index].sum())
     uses_agreement = method.get("loss") == "daca" or (needs_lens and method.get("terms", "both") != "process")

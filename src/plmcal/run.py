@@ -98,8 +98,11 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     split_cfg = OmegaConf.to_container(cfg.split, resolve=True)
     if not 0.0 < float(split_cfg.get("test_size", 0.7)) < 1.0:
         raise ConfigError(f"split.test_size={split_cfg.get('test_size')!r} is invalid; use a fraction in (0, 1), 0.7 in DACA.")
-    if method.get("pdl_support") == "full_vocab" and not cfg.readout.full_vocab_lse:
-        raise ConfigError("method.pdl_support=full_vocab needs readout.full_vocab_lse=true.")
+    support = method.get("support", "options")
+    if support in ("full_vocab", "topk") and not cfg.readout.full_vocab_lse:
+        raise ConfigError(f"method.support={support} needs readout.full_vocab_lse=true.")
+    if support == "topk" and not int(cfg.readout.get("topk") or 0):
+        raise ConfigError("method.support=topk needs per-layer top-k logits; set readout.topk to a positive k (16 by default).")
     if method.get("loss") == "dual_align" and not cfg.readout.lens:
         raise ConfigError("method=dual_align needs readout.lens=true (per-layer read-outs).")
 
