@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from helpers import CONF_DIR, SAME_PAIR, compose_config
 from plmcal import lens, models
-from plmcal.module import TemperatureCalibrator
+from plmcal.module import TemperatureCalibrator, validate_method
 from plmcal.prompt import PromptSpec
 
 # Groups of the primary config. conf/hydra is Hydra's own group, so separate tests check it.
@@ -83,10 +83,30 @@ def test_unknown_key():
         compose_config(["method=dual_align", "method.lamda=2"])
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml") if p.stem != "vanilla"))
+def method_config(name: str) -> dict:
+    return OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
+
+
+METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
+FITTED = [name for name in METHODS if method_config(name).get("fit", True)]
+
+
+@pytest.mark.parametrize("name", [n for n in FITTED if method_config(n).get("calibrator", "temperature") == "temperature"])
 def test_method_builds(name):
-    method = OmegaConf.to_container(compose_config([f"method={name}"]).method, resolve=True)
+    method = method_config(name)
     assert TemperatureCalibrator(method).temperature.item() == pytest.approx(float(method["init_temperature"]))
+
+
+@pytest.mark.parametrize("name", [n for n in FITTED if method_config(n).get("calibrator", "temperature") != "temperature"])
+def test_scaling_method_builds(name):
+    method = method_config(name)
+    expected = {"vector": 2 * 5, "matrix": 5 * 5 + 5}[method["calibrator"]]
+    assert TemperatureCalibrator(method, n_columns=5).n_params == expected
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in FITTED])
+def test_unfitted_method_validates(name):
+    validate_method(method_config(name))
 
 
 def test_vanilla_fits_nothing():

@@ -292,3 +292,61 @@ def shared_topk_logits(plm: dict[str, torch.Tensor], polm: dict[str, torch.Tenso
     plm_bins = torch.cat([plm["lens_option_logits"], torch.where(common, plm_top, neg_inf)], dim=-1)
     polm_bins = torch.cat([polm["lens_option_logits"], torch.where(common, polm_on_plm_ids, neg_inf)], dim=-1)
     return _rest_bin(plm_bins, plm["lens_logsumexp"]), _rest_bin(polm_bins, polm["lens_logsumexp"])
+
+
+# --- vector and matrix scaling ---------------------------------------------------------------------
+# Vector scaling maps option scores z to z * w + b (2K parameters), matrix scaling to W z + b
+# (K^2 + K parameters), both per option position (A, B, C, ...). Unlike a temperature, both can
+# change the argmax. NOTE: the scores z are the log-probabilities over the question's own options,
+# not the raw option logits (Guo et al. scale logits; the DACA paper does not say which scores it
+# scales). Raw option logits carry a per-question offset (the logsumexp of the whole vocabulary),
+# which vector and matrix scaling, unlike a temperature, would not cancel.
+SCALINGS = ("temperature", "vector", "matrix")
+
+
+def scaling_parameter_count(kind: str, n_columns: int) -> int:
+    """Number of learnable parameters of a ``kind`` calibrator over ``n_columns`` option positions."""
+    counts = {"temperature": 1, "vector": 2 * n_columns, "matrix": n_columns * n_columns + n_columns}
+    if kind not in counts:
+        raise ValueError(f"calibrator={kind!r} is invalid; use one of {list(SCALINGS)}.")
+    return counts[kind]
+
+
+def scale_logits(logits: torch.Tensor, kind: str, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(N, K) calibrated logits of vector (weight (K,)) or matrix (weight (K, K)) scaling.
+
+    Absent options (-inf in ``logits``) stay -inf, and they contribute nothing to the matrix product,
+    so a 3-option question uses the top-left 3 x 3 block of W and the first 3 entries of b.
+    """
+    present = torch.isfinite(logits)  # (N, K)
+    scores = torch.where(present, masked_log_softmax(logits), torch.zeros_like(logits))  # (N, K) log-probs, 0 where absent
+    if kind == "vector":
+        scaled = scores * weight + bias
+    elif kind == "matrix":
+        scaled = scores @ weight.T + bias  # row n: sum_j W[i, j] z[n, j] + b[i]
+    else:
+        raise ValueError(f"calibrator={kind!r} has no weight and bias; use 'vector' or 'matrix'.")
+    return torch.where(present, scaled, torch.full_like(scaled, float("-inf")))
+
+
+def nll_loss_scaled(scaled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the gold option under already calibrated logits (labelled oracle)."""
+    return torch.nn.functional.cross_entropy(fill_absent(scaled_logits), labels)
+
+
+def daca_loss_scaled(plm_logits: torch.Tensor, polm_logits: torch.Tensor, scaled_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_PLM || softmax(scaled_logits)) averaged over the rows where PLM and untempered PoLM agree.
+
+    NOTE: the agreement mask comes from the PoLM before calibration and stays fixed while fitting.
+    The DACA paper's formula for vector and matrix scaling takes the PoLM prediction after
+    rescaling, which would move the mask at every step; with a temperature both readings agree.
+    """
+    mask = agreement(plm_logits, polm_logits)
+    if not mask.any():
+        raise EmptyAgreementError(f"no agreeing question among {mask.numel()}; DACA has nothing to fit on.")
+    return kl_divergence(masked_log_softmax(plm_logits[mask]), masked_log_softmax(scaled_logits[mask])).mean()
+
+
+def match_all_loss_scaled(plm_logits: torch.Tensor, scaled_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_PLM || softmax(scaled_logits)) over every row (naive matching with vector/matrix scaling)."""
+    return kl_divergence(masked_log_softmax(plm_logits), masked_log_softmax(scaled_logits)).mean()

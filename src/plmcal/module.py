@@ -1,10 +1,15 @@
-"""LightningModule that learns one temperature for the PoLM from the pair's cached read-outs."""
+"""LightningModule that learns a calibrator for the PoLM from the pair's cached read-outs.
+
+The calibrator is one temperature (every method's default), or vector or matrix scaling
+(``method.calibrator``), which DACA's paper combines with its agreement mask.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -33,7 +38,20 @@ CHOICES = {
     "weight_fn": losses.WEIGHT_FUNCTIONS,
     "terms": ("both", "confidence", "process"),
     "support": losses.SUPPORTS,
+    "calibrator": losses.SCALINGS,
+    "ensemble": (None, "cape"),
 }
+
+# Losses that vector and matrix scaling support: the final-layer ones.
+SCALED_LOSSES = ("nll", "daca", "match_all")
+
+
+def changes_predictions(method: dict[str, Any]) -> bool:
+    """True for methods whose calibrated PoLM may predict another option than the raw PoLM.
+
+    A positive temperature keeps the argmax; vector and matrix scaling and the CAPE ensemble do not.
+    """
+    return method.get("calibrator", "temperature") != "temperature" or method.get("ensemble") is not None
 
 
 def validate_method(method: dict[str, Any]) -> None:
@@ -42,6 +60,23 @@ def validate_method(method: dict[str, Any]) -> None:
     for key, allowed in CHOICES.items():
         if key in method and method[key] not in allowed:
             raise ValueError(f"method.{key}={method[key]!r} is invalid for method {name!r}; use one of {list(allowed)}.")
+    calibrator = method.get("calibrator", "temperature")
+    if calibrator != "temperature":
+        if method.get("loss") not in SCALED_LOSSES:
+            raise ValueError(
+                f"method.calibrator={calibrator} is invalid with method.loss={method.get('loss')!r} for method {name!r}; "
+                f"vector and matrix scaling support the losses {list(SCALED_LOSSES)}."
+            )
+        if method.get("mode", "robust") == "faithful":
+            raise ValueError(
+                f"method.mode=faithful is invalid with method.calibrator={calibrator} for method {name!r}: the official "
+                "DACA code fits only a temperature. Use method.mode=robust."
+            )
+    permutations = method.get("permutations")
+    if permutations is not None and (not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 1):
+        raise ValueError(f"method.permutations={permutations!r} is invalid for method {name!r}; use a whole number >= 1 or null (all shifts).")
+    if method.get("ensemble") is not None and method.get("fit", True):
+        raise ValueError(f"method.ensemble={method['ensemble']} fits nothing; set method.fit=false for method {name!r}.")
     if not method.get("fit", True):
         return
     checks = {
@@ -74,24 +109,34 @@ def validate_method(method: dict[str, Any]) -> None:
         raise ValueError(f"method.batch_size={batch_size!r} is invalid; use a positive whole number or null (full batch).")
 
 
-class TemperatureCalibrator(L.LightningModule):
-    """Holds the learnable temperature and computes the configured method's loss on a batch.
+class Calibrator(L.LightningModule):
+    """Holds the learnable calibrator and computes the configured method's loss on a batch.
 
-    parametrization="log" learns log T (T stays positive); "raw" learns T itself with no
-    constraint, as the official DACA code does.
+    ``method.calibrator`` selects temperature (1 parameter), vector (2K) or matrix (K^2 + K)
+    scaling, where K = ``n_columns``, the option columns of the read-out. A temperature uses
+    parametrization="log" (learns log T, so T stays positive) or "raw" (learns T itself with no
+    constraint, as the official DACA code does). Vector and matrix scaling start at the identity
+    (w = 1 or W = I, b = 0), where they reproduce the uncalibrated probabilities.
     """
 
-    def __init__(self, method: dict[str, Any]):
+    def __init__(self, method: dict[str, Any], n_columns: int | None = None):
         super().__init__()
         validate_method(method)
-        self.save_hyperparameters({"method": method})
+        self.save_hyperparameters({"method": method, "n_columns": n_columns})
         self.method = method
+        self.kind = method.get("calibrator", "temperature")
         init = float(method.get("init_temperature", 1.0))
         # With log T, T is capped: on near-chance data the losses keep falling as T grows, and a T of
         # 1e6 makes float32 softmax outputs tie. The cap is reported when reached.
         self.log_max_temperature = math.log(float(method.get("max_temperature") or 1e4))
         self.parametrization = method.get("parametrization", "log")
-        if self.parametrization == "log":
+        if self.kind != "temperature":
+            if n_columns is None or int(n_columns) < 2:
+                raise ValueError(f"method.calibrator={self.kind} needs the number of option columns (>= 2), got {n_columns!r}.")
+            k = int(n_columns)
+            self.weight = torch.nn.Parameter(torch.ones(k) if self.kind == "vector" else torch.eye(k))
+            self.bias = torch.nn.Parameter(torch.zeros(k))
+        elif self.parametrization == "log":
             self.raw = torch.nn.Parameter(torch.tensor(math.log(init)))
         elif self.parametrization == "raw":
             self.raw = torch.nn.Parameter(torch.tensor(init))
@@ -100,12 +145,20 @@ class TemperatureCalibrator(L.LightningModule):
         self.automatic_optimization = True
 
     @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
     def temperature(self) -> torch.Tensor:
+        if self.kind != "temperature":
+            raise AttributeError(f"a {self.kind} calibrator has no temperature.")
         if self.parametrization == "log":
             return self.raw.clamp(max=self.log_max_temperature).exp()
         return self.raw
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.kind != "temperature":
+            return self._scaled_loss(batch), {}
         kind, t = self.method["loss"], self.temperature
         if kind == "nll":
             return losses.nll_loss(batch["polm_final"], batch["labels"], t), {}
@@ -132,18 +185,65 @@ class TemperatureCalibrator(L.LightningModule):
             )
         raise ValueError(f"method.loss={kind!r} is invalid; use nll, daca, match_all or dual_align.")
 
+    def _scaled_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        scaled = losses.scale_logits(batch["polm_final"], self.kind, self.weight, self.bias)  # (B, K)
+        kind = self.method["loss"]
+        if kind == "nll":
+            return losses.nll_loss_scaled(scaled, batch["labels"])
+        if kind == "daca":
+            return losses.daca_loss_scaled(batch["plm_final"], batch["polm_final"], scaled)
+        if kind == "match_all":
+            return losses.match_all_loss_scaled(batch["plm_final"], scaled)
+        raise ValueError(f"method.loss={kind!r} is invalid with calibrator={self.kind}; use one of {list(SCALED_LOSSES)}.")
+
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
         named = dict(zip(FIELDS, batch))
         loss, parts = self.loss(named)
         size = named["labels"].shape[0]
         self.log("fit/loss", loss, on_step=True, on_epoch=False, batch_size=size)
-        self.log("fit/temperature", self.temperature.detach(), on_step=True, on_epoch=False, batch_size=size)
+        if self.kind == "temperature":
+            self.log("fit/temperature", self.temperature.detach(), on_step=True, on_epoch=False, batch_size=size)
         for name, value in parts.items():
             self.log(f"fit/{name}", value, on_step=True, on_epoch=False, batch_size=size)
         return loss
 
     def configure_optimizers(self):
-        return build_optimizer(self.method, [self.raw])
+        return build_optimizer(self.method, list(self.parameters()))
+
+    def fitted(self) -> "FittedCalibrator":
+        if self.kind == "temperature":
+            return FittedCalibrator("temperature", temperature=float(self.temperature.detach()))
+        return FittedCalibrator(self.kind, weight=self.weight.detach().clone(), bias=self.bias.detach().clone())
+
+
+# The class's name before vector and matrix scaling existed; kept for existing callers.
+TemperatureCalibrator = Calibrator
+
+
+@dataclass
+class FittedCalibrator:
+    """A fitted calibrator: a temperature, or the weight (K,) or (K, K) and bias (K,) of vector/matrix scaling."""
+
+    kind: str
+    temperature: float | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def n_params(self) -> int:
+        if self.kind == "temperature":
+            return 1
+        return int(self.weight.numel() + self.bias.numel())
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: kind, parameter count and the fitted values."""
+        out: dict[str, Any] = {"kind": self.kind, "n_params": self.n_params}
+        if self.kind == "temperature":
+            out["temperature"] = self.temperature
+        else:
+            out["weight"] = self.weight.tolist()
+            out["bias"] = self.bias.tolist()
+        return out
 
 
 def build_optimizer(method: dict[str, Any], params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -183,21 +283,22 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
-def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
-    """Fit the temperature with a Lightning Trainer.
+def fit_calibrator(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[FittedCalibrator, list[float]]:
+    """Fit the method's calibrator with a Lightning Trainer.
 
-    Returns (T, losses): the loss of the initial T on the whole calibration set, the loss of every
-    optimiser step, then the loss of the fitted T on the whole calibration set.
+    Returns (calibrator, losses): the losses are the loss of the initial calibrator on the whole
+    calibration set, the loss of every optimiser step, then the loss of the fitted calibrator on the
+    whole calibration set.
     """
     _quiet_lightning()
     L.seed_everything(seed, workers=False, verbose=False)
-    module = TemperatureCalibrator(method)
+    module = Calibrator(method, n_columns=int(tensors["polm_final"].shape[1]))
     if method.get("mode") == "faithful":
         drift = {k: method.get(k) for k, v in DACA_FAITHFUL.items() if method.get(k) != v}
         if drift:
             log.warning("DACA faithful mode with settings that differ from the official code: %s", drift)
     with torch.no_grad():
-        initial_loss, _ = module.loss(tensors)  # full calibration set at the initial T
+        initial_loss, _ = module.loss(tensors)  # full calibration set at the initial calibrator
     recorder = _LossRecorder()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -219,7 +320,23 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
         trainer.fit(module, train_dataloaders=make_loader(tensors, method.get("batch_size"), seed))
     finally:
         torch.set_num_threads(threads)
-    temperature = float(module.temperature.detach())
+    fitted = module.fitted()
+    if fitted.kind == "temperature":
+        _check_temperature(method, fitted.temperature)
+    elif not (torch.isfinite(fitted.weight).all() and torch.isfinite(fitted.bias).all()):
+        raise FloatingPointError(f"{method['name']}: the fitted {fitted.kind} scaling has NaN or inf entries; lower method.lr.")
+    with torch.no_grad():
+        final_loss, _ = module.loss(tensors)  # full calibration set, comparable across optimisers
+    if fitted.kind == "temperature" and module.parametrization == "log" and float(module.raw.detach()) >= module.log_max_temperature:
+        log.warning(
+            "%s: T reached method.max_temperature=%.4g, so the loss still fell as T grew. The PoLM is then close "
+            "to uninformative on this data (or few calibration questions agree); treat the ECE with care.",
+            method["name"], fitted.temperature,
+        )
+    return fitted, [float(initial_loss)] + recorder.losses + [float(final_loss)]
+
+
+def _check_temperature(method: dict[str, Any], temperature: float) -> None:
     if not math.isfinite(temperature):
         raise FloatingPointError(f"{method['name']}: the fitted temperature is {temperature}; lower method.lr or change the optimizer.")
     if temperature <= 0:
@@ -228,15 +345,14 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
             "the options. parametrization=raw (as in the official DACA code) does not keep T positive; use "
             "parametrization=log (method=daca) or a lower method.lr."
         )
-    with torch.no_grad():
-        final_loss, _ = module.loss(tensors)  # full calibration set, comparable across optimisers
-    if module.parametrization == "log" and float(module.raw.detach()) >= module.log_max_temperature:
-        log.warning(
-            "%s: T reached method.max_temperature=%.4g, so the loss still fell as T grew. The PoLM is then close "
-            "to uninformative on this data (or few calibration questions agree); treat the ECE with care.",
-            method["name"], temperature,
-        )
-    return temperature, [float(initial_loss)] + recorder.losses + [float(final_loss)]
+
+
+def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
+    """Fit a temperature (``fit_calibrator`` for ``method.calibrator=temperature``); returns (T, losses)."""
+    if method.get("calibrator", "temperature") != "temperature":
+        raise ValueError(f"fit_temperature fits a temperature, but method.calibrator={method['calibrator']}; use fit_calibrator.")
+    fitted, step_losses = fit_calibrator(method, tensors, seed, logger, progress)
+    return fitted.temperature, step_losses
 
 
 class _LossRecorder(L.Callback):

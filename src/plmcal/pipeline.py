@@ -13,7 +13,7 @@ import torch
 
 from plmcal import data, lens, losses, metrics, models
 from plmcal.cache import ReadoutCache
-from plmcal.module import fit_temperature
+from plmcal.module import FittedCalibrator, changes_predictions, fit_calibrator
 from plmcal.prompt import PromptSpec, build_prompts, split_fewshot
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,14 @@ def tempered_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(losses.fill_absent(logits).double() / temperature, dim=-1)
 
 
+def apply_calibrator(calibrator: FittedCalibrator, logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) float64 probabilities of the calibrated PoLM from its (N, K) option logits."""
+    if calibrator.kind == "temperature":
+        return tempered_probs(logits, calibrator.temperature)
+    scaled = losses.scale_logits(logits.double(), calibrator.kind, calibrator.weight.double(), calibrator.bias.double())
+    return torch.softmax(losses.fill_absent(scaled), dim=-1)
+
+
 def _lens_tensors(readout: Readout, support: str) -> dict[str, torch.Tensor]:
     needed = {"options": ("lens_option_logits",), "full_vocab": ("lens_option_logits", "lens_logsumexp"),
               "topk": ("lens_option_logits", "lens_logsumexp", "lens_topk_logits", "lens_topk_ids")}[support]
@@ -211,9 +219,20 @@ def evaluate(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str
 
 
 def run_calibration(
-    method: dict[str, Any], plm: Readout, polm: Readout, labels: torch.Tensor, split: dict[str, Any], seed: int, n_bins: int = 10, logger: Any = False
+    method: dict[str, Any], plm: Readout, polm: Readout, labels: torch.Tensor, split: dict[str, Any], seed: int, n_bins: int = 10, logger: Any = False,
+    ensemble_probs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Split, fit the method's temperature on the calibration part, evaluate on the test part."""
+    """Split, fit the method's calibrator on the calibration part, evaluate on the test part.
+
+    ``ensemble_probs`` (N, K), when given, are the PoLM probabilities of a method that fits nothing
+    but reads the PoLM out several times (CAPE); they replace the calibrated probabilities.
+    Only methods for which ``module.changes_predictions`` holds may change the PoLM's answers.
+    """
+    if method.get("ensemble") is not None and ensemble_probs is None:
+        raise PipelineError(
+            f"{method['name']}: method.ensemble={method['ensemble']} needs the ensembled PoLM probabilities "
+            "(plmcal.cape.ensemble_readouts); run it through plmcal.run."
+        )
     n = labels.shape[0]
     calibration_index, test_index = daca_split(n, float(split.get("test_size", 0.7)), int(split.get("seed", 1)))
     calibration_index, test_index = torch.as_tensor(calibration_index), torch.as_tensor(test_index)
@@ -254,26 +273,33 @@ def run_calibration(
         )
 
     fit_info: dict[str, Any] = {"steps": 0, "seconds": 0.0}
+    calibrator = FittedCalibrator("temperature", temperature=1.0)
     if method.get("fit", True):
         started = time.perf_counter()
-        temperature, step_losses = fit_temperature(method, tensors, seed=seed, logger=logger)
+        calibrator, step_losses = fit_calibrator(method, tensors, seed=seed, logger=logger)
         fit_info = {
             "steps": len(step_losses) - 2,
             "seconds": time.perf_counter() - started,
             "loss_initial": step_losses[0],
             "loss_final": step_losses[-1],
-            "hit_max_temperature": bool(temperature >= float(method.get("max_temperature") or 1e4) * (1 - 1e-4)),
+            "hit_max_temperature": calibrator.kind == "temperature"
+            and bool(calibrator.temperature >= float(method.get("max_temperature") or 1e4) * (1 - 1e-4)),
         }
-    else:
-        temperature = 1.0
+    temperature = calibrator.temperature if ensemble_probs is None else None  # None: no temperature (vector, matrix, CAPE)
 
     test_labels = labels[test_index]
     before = tempered_probs(polm_final[test_index], 1.0)
-    after = tempered_probs(polm_final[test_index], temperature)
+    if ensemble_probs is not None:
+        if ensemble_probs.shape != polm_final.shape:
+            raise PipelineError(f"{name}: ensemble probabilities of shape {tuple(ensemble_probs.shape)} do not match the read-out {tuple(polm_final.shape)}.")
+        after = ensemble_probs[test_index].double()
+    else:
+        after = apply_calibrator(calibrator, polm_final[test_index])
     plm_probs = tempered_probs(plm_final[test_index], 1.0)
     result = {
         "method": name,
         "temperature": temperature,
+        "calibrator": calibrator.summary() if ensemble_probs is None else {"kind": method.get("ensemble"), "n_params": 0},
         "n_calibration": len(calibration_index),
         "n_test": len(test_index),
         "test": evaluate(after, test_labels, n_bins),
@@ -293,7 +319,9 @@ def run_calibration(
             "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
         },
     }
-    if not torch.equal(before.argmax(-1), after.argmax(-1)):
+    changed = before.argmax(-1) != after.argmax(-1)
+    result["diagnostics"]["prediction_changed_rate"] = float(changed.double().mean())
+    if changed.any() and not changes_predictions(method):
         raise PipelineError(f"{name}: temperature {temperature} changed a prediction; this is a bug, please report it.")
     return result
 

@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 
 def reliability_diagram(result: dict, path: Path) -> Path:
-    """Draw two columns (T = 1 and fitted T): accuracy per confidence bin over a count histogram."""
+    """Draw two columns (before and after calibration): accuracy per confidence bin over a count histogram."""
     panels = [("before", "uncalibrated", result["test_uncalibrated"], 1.0), ("after", result["method"], result["test"], result["temperature"])]
     figure, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     for column, (key, label, summary, temperature) in enumerate(panels):
@@ -28,7 +28,8 @@ def reliability_diagram(result: dict, path: Path) -> Path:
         top.bar(centers, np.abs(confidence - accuracy), bottom=np.fmin(accuracy, confidence), width=1 / n_bins, color="tab:red", alpha=0.3, label="gap to confidence")
         top.plot([0, 1], [0, 1], "k--", linewidth=1)
         top.set_ylim(0, 1)
-        top.set_title(f"{label}: T={temperature:.3f}, ECE={100 * summary['ece']:.2f}%", fontsize=9)
+        fitted = f"T={temperature:.3f}" if temperature is not None else result.get("calibrator", {}).get("kind", "?")
+        top.set_title(f"{label}: {fitted}, ECE={100 * summary['ece']:.2f}%", fontsize=9)
         top.set_ylabel("accuracy")
         top.legend(loc="upper left", fontsize=7)
         bottom.bar(centers, counts, width=1 / n_bins, edgecolor="black", color="gray")

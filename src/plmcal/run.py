@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from plmcal import assets, lens, models, pipeline, report
+from plmcal import assets, cape, data, lens, models, pipeline, report
 from plmcal.cache import ReadoutCache
 from plmcal.module import validate_method
 from plmcal.prompt import PromptSpec
@@ -128,6 +128,22 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         )
         pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
 
+    ensemble = None
+    if method.get("ensemble") == "cape":
+        def polm_read_out(shifted_rows: list, key: dict) -> dict:
+            readout = pipeline.read_out(
+                polm_spec, shifted_rows, exemplars, prompt, option_ids[polm_spec.name], settings, cache, key, cache_dir, cfg.device
+            )
+            pipeline.check_finite(readout, cfg.dataset.name, shifted_rows)
+            return readout.tensors
+
+        n_columns = int(readouts["polm"].tensors["final_option_logits"].shape[1])
+        try:
+            shifts = cape.shifts_for(method.get("permutations"), n_columns)
+        except cape.CapeError as error:
+            raise ConfigError(str(error)) from error
+        ensemble = cape.ensemble_readouts(rows, shifts, dataset_key, polm_read_out, data.fingerprint)
+
     labels = torch.tensor([row.gold for row in rows])
     wandb_run = start_wandb(cfg, run_dir)
     try:
@@ -137,7 +153,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
             logger = WandbLogger(experiment=wandb_run)
         result = pipeline.run_calibration(
-            method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger
+            method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger,
+            ensemble_probs=ensemble,
         )
         result |= {
             "pair": cfg.pair.name,
@@ -164,7 +181,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         if wandb_run is not None:
             wandb_run.finish()
     if _is_multirun():
-        log.info("%s on %s: ECE %.2f%% -> %.2f%% (T=%.3f), results in %s", cfg.method.name, cfg.dataset.name,
+        log.info("%s on %s: ECE %.2f%% -> %.2f%% (T=%s), results in %s", cfg.method.name, cfg.dataset.name,
                  100 * result["test_uncalibrated"]["ece"], 100 * result["test"]["ece"], result["temperature"], run_dir)
     else:
         print(f"\n{cfg.method.name} on {cfg.dataset.name} ({cfg.pair.name}), results in {run_dir}\n{table}\n", flush=True)
