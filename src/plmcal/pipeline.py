@@ -293,6 +293,15 @@ def run_calibration(
             "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
         },
     }
+    # Per-question test predictions, written to predictions.npz (not results.json): the aggregation
+    # bootstraps its intervals from them.
+    result["arrays"] = {
+        "test_index": test_index.numpy(),
+        "labels": test_labels.numpy(),
+        "probs": after.numpy(),
+        "probs_uncalibrated": before.numpy(),
+        "plm_probs": plm_probs.numpy(),
+    }
     if not torch.equal(before.argmax(-1), after.argmax(-1)):
         raise PipelineError(f"{name}: temperature {temperature} changed a prediction; this is a bug, please report it.")
     return result
