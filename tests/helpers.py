@@ -171,3 +171,54 @@ def with_absent(logits: torch.Tensor, counts: list[int]) -> torch.Tensor:
     for row, count in enumerate(counts):
         out[row, count:] = float("-inf")
     return out
+
+
+def synthetic_readout(name: str, final: torch.Tensor, layers: int = 4, seed: int = 1) -> "Readout":
+    """A cached-read-out stand-in: random lens logits whose last layer equals ``final`` (N, K)."""
+    from plmcal import models
+    from plmcal.pipeline import Readout
+
+    n, k = final.shape
+    lens = torch.randn(n, layers, k, generator=torch.Generator().manual_seed(seed))
+    lens[:, -1] = final
+    tensors = {
+        "final_option_logits": final,
+        "final_logsumexp": torch.logsumexp(final, dim=-1) + 1.0,
+        "lens_option_logits": lens,
+        "lens_logsumexp": torch.logsumexp(lens, dim=-1) + 1.0,
+        "greedy_token": torch.zeros(n, dtype=torch.long),
+        "greedy_is_option": torch.ones(n, dtype=torch.bool),
+        "n_options": torch.full((n,), k),
+    }
+    return Readout(models.ModelSpec(name=name, source="local", path="."), tensors, list(range(k)))
+
+
+def synthetic_pair(n: int = 200, k: int = 4, seed: int = 0) -> tuple["Readout", "Readout", torch.Tensor]:
+    """(PLM, PoLM, labels): a PLM above chance and a PoLM that is the PLM sharpened 4x plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, k, (n,), generator=generator)
+    plm_logits = torch.randn(n, k, generator=generator) + 1.5 * torch.nn.functional.one_hot(labels, k)
+    polm_logits = 4.0 * plm_logits + torch.randn(n, k, generator=generator)
+    return synthetic_readout("plm", plm_logits), synthetic_readout("polm", polm_logits, seed=2), labels
+
+
+VANILLA = {"name": "vanilla", "loss": "none", "fit": False}
+DACA_LBFGS = {"name": "daca", "loss": "daca", "optimizer": "lbfgs", "lr": 0.5, "epochs": 1, "batch_size": None}
+
+
+def write_synthetic_sweep(folder: Path, methods: list[dict], seeds: list[int], datasets: tuple[str, ...] = ("toy",), overrides: list[str] = ()) -> int:
+    """Write one job folder per (dataset, method, split seed) with the real result writer; return the count."""
+    from plmcal import pipeline, report
+
+    count = 0
+    for d_index, dataset in enumerate(datasets):
+        plm, polm, labels = synthetic_pair(seed=d_index)
+        for method in methods:
+            for split_seed in seeds:
+                result = pipeline.run_calibration(method, plm, polm, labels, {"test_size": 0.7, "seed": split_seed}, seed=0)
+                result |= {"pair": "synthetic", "dataset": dataset, "prompt": "toy@v1", "split_seed": split_seed,
+                           "n_layers": {"plm": 4, "polm": 4},
+                           "overrides": [f"method={method['name']}", f"split.seed={split_seed}", *overrides]}
+                report.write_job(result, folder / f"{count}_{dataset}_{method['name']}_s{split_seed}")
+                count += 1
+    return count

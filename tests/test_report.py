@@ -67,24 +67,21 @@ def test_percent_scale(results):
 
 def test_collect(results, tmp_path):
     for i, result in enumerate(results):
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "results.json").write_text(json.dumps(result))
+        report.write_job(result, tmp_path / str(i))
     assert [r["method"] for r in report.collect(tmp_path)] == ["ts_oracle", "vanilla", "daca"]
 
 
 def test_collect_skips_broken(results, tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "results.json").write_text("{broken")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "results.json").write_text(json.dumps(results[0]))
+    report.write_job(results[0], tmp_path / "b")
     assert len(report.collect(tmp_path)) == 1
 
 
 def test_callback_order(results, tmp_path, capsys):
     # The comparison table lists the baselines first and the labelled oracle last.
     for i, result in enumerate(results):
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "results.json").write_text(json.dumps(result))
+        report.write_job(result, tmp_path / str(i))
     ComparisonTable().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
     with (tmp_path / "comparison.csv").open() as handle:
         methods = [row[METHOD_COLUMN] for row in list(csv.reader(handle))[1:]]

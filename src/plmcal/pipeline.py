@@ -319,6 +319,15 @@ def run_calibration(
             "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
         },
     }
+    # Per-question test predictions, written to predictions.npz (not results.json): the aggregation
+    # bootstraps its intervals from them.
+    result["arrays"] = {
+        "test_index": test_index.numpy(),
+        "labels": test_labels.numpy(),
+        "probs": after.numpy(),
+        "probs_uncalibrated": before.numpy(),
+        "plm_probs": plm_probs.numpy(),
+    }
     changed = before.argmax(-1) != after.argmax(-1)
     result["diagnostics"]["prediction_changed_rate"] = float(changed.double().mean())
     if changed.any() and not changes_predictions(method):

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 # Columns of the comparison tables: (header, path into results.json, scale).
@@ -88,8 +90,12 @@ def job_rows(result: dict) -> list[dict]:
 
 
 def write_job(result: dict, folder: Path) -> str:
+    """Write results.json, predictions.npz (per-question test probabilities), the job table and its plot."""
     folder.mkdir(parents=True, exist_ok=True)  # run_job may be called outside Hydra with a new folder
-    (folder / "results.json").write_text(json.dumps(result, indent=1))
+    arrays = result.get("arrays")
+    if arrays is not None:
+        np.savez_compressed(folder / "predictions.npz", **arrays)
+    (folder / "results.json").write_text(json.dumps({k: v for k, v in result.items() if k != "arrays"}, indent=1))
     from plmcal.plots import reliability_diagram
 
     reliability_diagram(result, folder / "reliability.png")
