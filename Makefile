@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: help install assets main test test-fast clean-outputs
+.PHONY: help install assets main paper-table test test-fast clean-outputs
 
 help:  ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,13 @@ assets: $(STAMP)  ## Fetch, verify and convert the embedded models and benchmark
 
 main: assets  ## The main job: 4 methods x 3 benchmarks on the embedded same-family pair, one table
 	$(BIN)/python -m plmcal.run experiment=main
+
+# TABLE = 1, 2, 9 or dual_align: the offline analogue of that paper table on the embedded pairs.
+TABLE ?= 1
+PAPER_EXPERIMENT = $(if $(filter dual_align,$(TABLE)),dual_align_comparison_offline,daca_table$(TABLE)_offline)
+paper-table: assets  ## Offline analogue of a paper table (TABLE=1|2|9|dual_align), printed beside the published numbers
+	$(BIN)/python -m plmcal.run experiment=$(PAPER_EXPERIMENT) hydra.sweep.dir=outputs/paper/$(PAPER_EXPERIMENT)
+	$(BIN)/python -m plmcal.paper $(TABLE) outputs/paper/$(PAPER_EXPERIMENT) --out outputs/paper/$(PAPER_EXPERIMENT)
 
 test: assets  ## The full test suite (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q
