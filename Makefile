@@ -32,9 +32,13 @@ main: assets  ## The main job: 4 methods x 3 benchmarks on the embedded same-fam
 # TABLE = 1, 2, 9 or dual_align: the offline analogue of that paper table on the embedded pairs.
 TABLE ?= 1
 PAPER_EXPERIMENT = $(if $(filter dual_align,$(TABLE)),dual_align_comparison_offline,daca_table$(TABLE)_offline)
+# The job results are also copied into experiments/results/, which notebooks/results.ipynb reads.
 paper-table: assets  ## Offline analogue of a paper table (TABLE=1|2|9|dual_align), printed beside the published numbers
+	rm -rf outputs/paper/$(PAPER_EXPERIMENT)
 	$(BIN)/python -m plmcal.run experiment=$(PAPER_EXPERIMENT) hydra.sweep.dir=outputs/paper/$(PAPER_EXPERIMENT)
-	$(BIN)/python -m plmcal.paper $(TABLE) outputs/paper/$(PAPER_EXPERIMENT) --out outputs/paper/$(PAPER_EXPERIMENT)
+	rm -rf experiments/results/$(PAPER_EXPERIMENT)
+	$(BIN)/python -m plmcal.paper $(TABLE) outputs/paper/$(PAPER_EXPERIMENT) --out outputs/paper/$(PAPER_EXPERIMENT) \
+		--export experiments/results/$(PAPER_EXPERIMENT)
 
 test: assets  ## The full test suite (a few minutes on 2 CPU cores)
 	$(BIN)/python -m pytest -q

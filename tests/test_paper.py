@@ -119,3 +119,12 @@ def test_missing_column(tmp_path):
         csv.writer(handle).writerow(["model", "dataset", "method", "metric", "value"])
     with pytest.raises(paper.PaperError, match="lacks the columns"):
         paper.load_published(path)
+
+
+def test_export_copies_results(tmp_path):
+    runs = tmp_path / "runs"
+    write_runs(runs, "qwen3-8b", "mmlu")
+    (runs / "0_mmlu_vanilla" / "reliability.png").write_bytes(b"png")
+    copied = paper.export_results([runs], tmp_path / "export")
+    assert copied == 4
+    assert sorted(p.name for p in (tmp_path / "export" / "0_mmlu_vanilla").iterdir()) == ["predictions.npz", "results.json"]

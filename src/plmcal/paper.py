@@ -13,6 +13,7 @@ import argparse
 import csv
 import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -156,12 +157,30 @@ def paper_table(table: str, run_dirs: Sequence[Path], n_resamples: int = 1000) -
     return "\n\n".join(parts) + "\n"
 
 
+def export_results(run_dirs: Sequence[Path], destination: Path) -> int:
+    """Copy every job's results.json and predictions.npz (not logs or plots) into ``destination``.
+
+    Each job keeps its folder name, so a copy is small enough to commit and ``plmcal.aggregate``
+    reads it like the sweep itself. Returns the number of jobs copied.
+    """
+    copied = 0
+    for job in aggregate.load_jobs(run_dirs):
+        target = destination / job.folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("results.json", "predictions.npz"):
+            if (job.folder / name).exists():
+                shutil.copy2(job.folder / name, target / name)
+        copied += 1
+    return copied
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m plmcal.paper", description="Print a paper table next to our runs.")
     parser.add_argument("table", help=f"table id: {', '.join(TABLES)}")
     parser.add_argument("run_dirs", nargs="+", type=Path, help="Hydra multirun folders (searched recursively for results.json)")
     parser.add_argument("--out", type=Path, help="also write paper_table<TABLE>.md into this folder")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap replicates of the ECE interval (default 1000)")
+    parser.add_argument("--export", type=Path, help="also copy each job's results.json and predictions.npz into this folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -171,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"paper_table{args.table}.md").write_text(text)
+    if args.export:
+        log.info("Copied %d jobs into %s", export_results(args.run_dirs, args.export), args.export)
     print(text)
 
 
