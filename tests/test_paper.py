@@ -102,6 +102,12 @@ def test_ours_mean_std(tmp_path):
     assert line.count("±") >= 4  # ours and paper, ECE and MCE at least
 
 
+def test_unmatched_pair_no_paper_columns(tmp_path):
+    write_runs(tmp_path, "gemma3-270m_sft-dpo", "mmlu_slice")
+    header = next(line for line in paper.paper_table("1", [tmp_path], n_resamples=10).splitlines() if line.startswith("| pair |"))
+    assert "paper" not in header
+
+
 def test_empty_published(tmp_path):
     write_runs(tmp_path, "qwen2.5-7b", "mmlu")
     text = paper.paper_table("dual_align", [tmp_path], n_resamples=10)

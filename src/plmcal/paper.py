@@ -93,15 +93,15 @@ def _ours(row: dict[str, Any], header: str) -> str:
     return aggregate.format_cell(stat, 3 if header in ("Brier", "NLL") else 2)
 
 
-def side_by_side(rows: list[dict[str, Any]], published: list[dict[str, str]]) -> str:
-    """Markdown: one line per group of ours, each metric as 'ours' then 'paper'.
+def side_by_side(rows: list[dict[str, Any]], published: list[dict[str, str]], with_paper: bool = True) -> str:
+    """Markdown: one line per group of ours, each metric as 'ours' then 'paper' (only 'ours' without ``with_paper``).
 
     The confidence interval is aggregate's bootstrap of our mean ECE over test questions.
     """
     metrics = [(h, m) for h, m in METRICS if any(r["metric"] == m for r in published) or any(_ours(row, h) for row in rows)]
     header = ["pair", "dataset", "method", "setting", "splits", "acc %", "ECE % ours 95% CI"]
     for ours_header, _ in metrics:
-        header += [f"{ours_header} ours", f"{ours_header} paper"]
+        header += [f"{ours_header} ours", f"{ours_header} paper"] if with_paper else [ours_header]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         model = PAIR_MODELS.get(row["pair"], "")
@@ -110,7 +110,9 @@ def side_by_side(rows: list[dict[str, Any]], published: list[dict[str, str]]) ->
         ci = "" if interval is None else f"[{interval[0]:.2f}, {interval[1]:.2f}]"
         cells = [row["pair"], row["dataset"], row["method"], row["setting"], str(row["n_jobs"]), _ours(row, "acc %"), ci]
         for ours_header, metric in metrics:
-            cells += [_ours(row, ours_header), published_cell(published, model, row["dataset"], method, metric) if model else ""]
+            cells.append(_ours(row, ours_header))
+            if with_paper:
+                cells.append(published_cell(published, model, row["dataset"], method, metric) if model else "")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -144,13 +146,13 @@ def paper_table(table: str, run_dirs: Sequence[Path], n_resamples: int = 1000) -
     rows = [aggregate.summarize_group(group, n_resamples) for group in aggregate.group_jobs(jobs)]
     sources = sorted({r["source"] for r in published})
     title = f"DACA Table {table}" if table.isdigit() else f"Table {table}"
+    matched = any(PAIR_MODELS.get(r["pair"]) in {p["model"] for p in published} for r in rows)
     parts = [
         f"## {title}: ours beside the published numbers\n\n"
         f"Ours: {len(jobs)} jobs from {', '.join(str(d) for d in run_dirs)}; cells are mean ± std over splits "
         f"(test split, ECE in %, 10 bins). Paper: {'; '.join(sources) if sources else 'no published rows (' + path.name + ' is empty)'}.",
-        side_by_side(rows, published),
+        side_by_side(rows, published, with_paper=matched),
     ]
-    matched = any(PAIR_MODELS.get(r["pair"]) in {p["model"] for p in published} for r in rows)
     if published and not matched:
         parts.append(f"None of our pairs is a model of the paper's table, so here is the published {title} as printed:\n\n"
                      + published_markdown(published))
