@@ -108,3 +108,38 @@ def test_pair_plm_spec(name):
 def test_readout_settings():
     settings = lens.ReadoutSettings(**OmegaConf.to_container(compose_config([]).readout, resolve=True))
     assert settings.lens
+
+
+ABLATIONS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("ablation_*.yaml"))
+
+
+def sweep_params(experiment: str) -> dict[str, list[str]]:
+    cfg = compose_config([f"experiment={experiment}"], return_hydra_config=True)
+    return {key: [v.strip() for v in str(value).split(",")] for key, value in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_ablation_grid(experiment):
+    params = sweep_params(experiment)
+    assert len(params["dataset"]) >= 4
+    assert len(params["split.seed"]) >= 3
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_ablation_cells_valid(experiment):
+    # Every swept method value composes into a method that passes validation before any forward pass.
+    from plmcal.module import validate_method
+
+    params = sweep_params(experiment)
+    method_keys = [key for key in params if key == "method" or key.startswith("method.")]
+    assert method_keys, f"{experiment} sweeps no method setting"
+    for key in method_keys:
+        for value in params[key]:
+            cfg = compose_config([f"experiment={experiment}", f"{key}={value}"])
+            if key.startswith("method."):
+                assert key.split(".", 1)[1] in cfg.method, f"{key} is not a key of method {cfg.method.name}"
+            validate_method(OmegaConf.to_container(cfg.method, resolve=True))
+
+
+def test_diagnosis_experiment_supports():
+    assert sweep_params("diagnosis")["diagnosis.support"] == ["options", "full_vocab", "topk"]

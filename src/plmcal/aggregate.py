@@ -146,9 +146,10 @@ def batched_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -
     return np.abs(hit_sum - conf_sum).sum(axis=1) / n
 
 
-def _confidence_correct(predictions: dict[str, np.ndarray], key: str = "probs") -> tuple[np.ndarray, np.ndarray]:
-    probs = predictions[key]
-    return probs.max(axis=1), (probs.argmax(axis=1) == predictions["labels"]).astype(np.float64)
+def _confidence_correct(predictions: dict[str, np.ndarray], prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence and 0/1 correctness of the calibrated PoLM ("uncalibrated_" or "plm_" for the others)."""
+    correct = predictions[f"{prefix}prediction"].astype(np.int64) == predictions["labels"].astype(np.int64)
+    return predictions[f"{prefix}confidence"].astype(np.float64), correct.astype(np.float64)
 
 
 def bootstrap_mean_ece(jobs: Sequence[Job], n_resamples: int = 1000, seed: int = 0, level: float = 0.95, n_bins: int = 10) -> tuple[float, float] | None:

@@ -293,15 +293,12 @@ def run_calibration(
             "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
         },
     }
-    # Per-question test predictions, written to predictions.npz (not results.json): the aggregation
-    # bootstraps its intervals from them.
-    result["arrays"] = {
-        "test_index": test_index.numpy(),
-        "labels": test_labels.numpy(),
-        "probs": after.numpy(),
-        "probs_uncalibrated": before.numpy(),
-        "plm_probs": plm_probs.numpy(),
-    }
+    # Per-question test predictions (top-label confidence and predicted option), written to
+    # predictions.npz rather than results.json: the aggregation bootstraps its intervals from them.
+    result["arrays"] = {"test_index": test_index.numpy().astype(np.int32), "labels": test_labels.numpy().astype(np.int16)}
+    for prefix, probs in (("", after), ("uncalibrated_", before), ("plm_", plm_probs)):
+        result["arrays"][f"{prefix}confidence"] = probs.max(dim=-1).values.numpy()
+        result["arrays"][f"{prefix}prediction"] = probs.argmax(dim=-1).numpy().astype(np.int16)
     if not torch.equal(before.argmax(-1), after.argmax(-1)):
         raise PipelineError(f"{name}: temperature {temperature} changed a prediction; this is a bug, please report it.")
     return result
