@@ -2,8 +2,8 @@
 
 Every row becomes an :class:`MCQuestion`. Rows are validated strictly: a row with a missing
 option, an empty question, a gold index out of range, or fewer than 2 / more than 10 options
-raises :class:`DatasetError` naming the dataset, the row and the fix. Datasets whose questions
-can have more than 10 options (TruthfulQA mc1) set ``too_many_options: drop`` to leave them out.
+raises :class:`DatasetError` naming the dataset, the row and the fix. Datasets that may have
+questions with more than 10 options (TruthfulQA mc1) set ``too_many_options: drop`` to leave them out.
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ def _piqa(row: dict, i: int, name: str) -> MCQuestion:
 
 def _medqa(row: dict, i: int, name: str) -> MCQuestion:
     # Offline rows are oe-eval documents (`choices` = option texts, `answer_idx` = 0-based index).
-    # Hub rows follow the bigbio/med_qa source schema (`options` = [{"key": "A", "value": ...}],
-    # `answer_idx` = the letter), which is what oe-eval's MedQA task reads from the hub.
+    # Hub rows are read in the bigbio/med_qa source schema (`options` = [{"key": "A", "value": ...}],
+    # `answer_idx` = the letter), the schema that oe-eval's MedQA task reads.
     where = f"dataset {name!r}, row {i}"
     if "choices" in row:
         options = tuple(row["choices"])
@@ -176,8 +176,8 @@ def _bigbench_mc(row: dict, i: int, name: str) -> MCQuestion:
         raise DatasetError(
             f"dataset {name!r}, row {i}: target_scores needs exactly one option scored 1, got {len(correct)} ({scores})."
         )
-    # NOTE: BIG-bench keeps the options in the order of its JSON object, which may put the correct
-    # one first, so they are shuffled per question (seeded) as for SciQ.
+    # NOTE: BIG-bench keeps the options in the order of its JSON object, which was not checked and may
+    # put the correct one first, so they are shuffled per question (seeded) as for SciQ.
     shuffled, gold = _shuffled(list(scores), correct[0], f"bigbench-{row.get('_source', '')}-{i}-{row['input']}")
     return MCQuestion(f"{name}-{row.get('_source', '')}-{i}", row["input"], shuffled, gold, str(row.get("_source") or ""))
 
