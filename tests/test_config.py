@@ -143,3 +143,29 @@ def test_ablation_cells_valid(experiment):
 
 def test_diagnosis_experiment_supports():
     assert sweep_params("diagnosis")["diagnosis.support"] == ["options", "full_vocab", "topk"]
+
+
+def test_experiment_seeds():
+    cfg = compose_config(["experiment=seeds"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["split.seed"] == "1,2,3,4,5"
+
+
+def test_experiment_daca_mmlu_sweep():
+    cfg = compose_config(["experiment=daca_mmlu"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.prompt == ",".join(f"daca_mmlu_{i}" for i in range(1, 6))
+
+
+def test_experiment_daca_mmlu_split():
+    cfg = compose_config(["experiment=daca_mmlu"])
+    assert cfg.split.by == "subject"
+    assert cfg.dataset.name == "mmlu"
+
+
+def test_mmlu_wordings_differ():
+    instructions = {compose_config([f"prompt=daca_mmlu_{i}"]).prompt.instruction for i in range(1, 6)}
+    assert len(instructions) == 5
+
+
+def test_mmlu_wording_1_is_daca():
+    daca, first = compose_config(["prompt=daca"]).prompt, compose_config(["prompt=daca_mmlu_1"]).prompt
+    assert {k: v for k, v in daca.items() if k != "name"} == {k: v for k, v in first.items() if k != "name"}

@@ -150,6 +150,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     split_cfg = OmegaConf.to_container(cfg.split, resolve=True)
     if not 0.0 < float(split_cfg.get("test_size", 0.7)) < 1.0:
         raise ConfigError(f"split.test_size={split_cfg.get('test_size')!r} is invalid; use a fraction in (0, 1), 0.7 in DACA.")
+    if split_cfg.get("by") not in pipeline.SPLIT_BY:
+        raise ConfigError(f"split.by={split_cfg.get('by')!r} is invalid; use null (one split) or subject (one split per subject).")
     support = method.get("support", "options")
     if support in ("full_vocab", "topk") and not cfg.readout.full_vocab_lse:
         raise ConfigError(f"method.support={support} needs readout.full_vocab_lse=true.")
@@ -186,7 +188,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
 
             logger = WandbLogger(experiment=wandb_run)
         result = pipeline.run_calibration(
-            method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger
+            method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger,
+            groups=[row.subject for row in rows],
         )
         result |= {
             "pair": cfg.pair.name,
