@@ -195,3 +195,24 @@ def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
             flat[f"diag/ise_{regime}_{key}"] = float(value)
         flat[f"diag/final_jsd_{regime}"] = float(summary["jsd"][regime]["mean"][-1])
     return flat
+
+
+def load_pair(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, Readout, Readout, torch.Tensor]:
+    """Compose conf/ with Hydra ``overrides`` and return (cfg, PLM read-out, PoLM read-out, labels).
+
+    The read-outs come from the cache when a job with the same pair, dataset and prompt ran before;
+    otherwise both models run once (minutes on a CPU for a full benchmark).
+    """
+    from hydra import compose, initialize_config_dir
+
+    from plmcal import models
+    from plmcal.prompt import PromptSpec
+    from plmcal.run import REPO_ROOT, load_readouts
+
+    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    prompt = PromptSpec.from_config(cfg.prompt)
+    plm_spec, polm_spec = models.ModelSpec.from_config(cfg.pair.plm), models.ModelSpec.from_config(cfg.pair.polm)
+    rows, readouts = load_readouts(cfg, prompt, plm_spec, polm_spec)
+    labels = torch.tensor([row.gold for row in rows])
+    return cfg, readouts["plm"], readouts["polm"], labels
