@@ -121,6 +121,7 @@ def write_figures(diagnosis: dict[str, Any], folder: Path, title: str = "") -> d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     summary, arrays = diagnosis["summary"], diagnosis["arrays"]
     layers = np.arange(1, summary["n_layers"] + 1)
@@ -139,6 +140,8 @@ def write_figures(diagnosis: dict[str, Any], folder: Path, title: str = "") -> d
     paths["layer_jsd"] = folder / "layer_jsd.png"
 
     def save(name: str) -> None:
+        if name != "ise_vs_confidence":
+            figure.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
         figure.tight_layout()
         figure.savefig(paths[name], dpi=110)
         plt.close(figure)

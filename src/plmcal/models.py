@@ -115,10 +115,22 @@ def _from_pretrained(factory: Any, spec: ModelSpec, cache_dir: str | None, **ext
         ) from error
 
 
+_TOKENIZERS: dict[str, Any] = {}
+
+
 def load_tokenizer(spec: ModelSpec, cache_dir: str | None = None) -> Any:
+    """Return the spec's tokenizer, parsed once per process.
+
+    A multirun runs its cells in one process, and parsing a large tokenizer (Gemma-3's 262k-token
+    tokenizer.json) took most of a cell's time over cached read-outs. The read-out sets left padding and a
+    pad token on it (the same values every time); other callers must not modify it.
+    """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, spec, cache_dir)
+    key = repr((spec, cache_dir))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _from_pretrained(AutoTokenizer, spec, cache_dir)
+    return _TOKENIZERS[key]
 
 
 def num_layers(spec: ModelSpec, cache_dir: str | None = None) -> int:
