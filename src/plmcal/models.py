@@ -36,6 +36,9 @@ class ModelSpec:
     dtype: str = "float32"
     device_map: str | None = None  # e.g. "auto" for a model larger than one GPU
     trust_remote_code: bool = False
+    # num_hidden_layers of the checkpoint. Pinned in the pair config, it lets the equal-depth check of
+    # the layer-wise methods run without a download. Null reads it from the model config.
+    num_layers: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "ModelSpec":
@@ -50,6 +53,10 @@ class ModelSpec:
             raise ModelSpecError(f"model {spec.name!r}: source=hub needs `hub_id`.")
         if spec.source == "local" and not (spec.path and Path(spec.path).exists()):
             raise ModelSpecError(f"model {spec.name!r}: local path {spec.path!r} does not exist.")
+        if spec.num_layers is not None and (not isinstance(spec.num_layers, int) or spec.num_layers < 1):
+            raise ModelSpecError(
+                f"model {spec.name!r}: num_layers={spec.num_layers!r} is invalid; use the checkpoint's num_hidden_layers or null."
+            )
         if spec.dtype not in DTYPES:
             raise ModelSpecError(f"model {spec.name!r}: dtype={spec.dtype!r} is invalid; use one of {sorted(DTYPES)}.")
         if spec.adapter and not (Path(spec.adapter) / "adapter_config.json").exists():
@@ -108,18 +115,39 @@ def _from_pretrained(factory: Any, spec: ModelSpec, cache_dir: str | None, **ext
         ) from error
 
 
+_TOKENIZERS: dict[str, Any] = {}
+
+
 def load_tokenizer(spec: ModelSpec, cache_dir: str | None = None) -> Any:
+    """Return the spec's tokenizer, parsed once per process.
+
+    A multirun runs its cells in one process, and parsing a large tokenizer (Gemma-3's 262k-token
+    tokenizer.json) took most of a cell's time over cached read-outs. The read-out sets left padding and a
+    pad token on it (the same values every time); other callers must not modify it.
+    """
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, spec, cache_dir)
+    key = repr((spec, cache_dir))
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = _from_pretrained(AutoTokenizer, spec, cache_dir)
+    return _TOKENIZERS[key]
 
 
 def num_layers(spec: ModelSpec, cache_dir: str | None = None) -> int:
-    """Read the number of decoder layers from the model config, before any weights are loaded."""
+    """Return the number of decoder layers: the pinned ``num_layers``, else read from the model config.
+
+    Reading the config of a hub model downloads it (or reads the local hub cache), so pair configs pin
+    the value where it is known.
+    """
+    if spec.num_layers is not None:
+        return spec.num_layers
     from transformers import AutoConfig
 
-    config = _from_pretrained(AutoConfig, spec, cache_dir)
-    config = getattr(config, "text_config", None) or config
+    return _config_depth(_from_pretrained(AutoConfig, spec, cache_dir))
+
+
+def _config_depth(config: Any) -> int:
+    config = getattr(config, "text_config", None) or config  # multimodal checkpoints (Gemma-3 12B/27B)
     return int(config.num_hidden_layers)
 
 
@@ -135,6 +163,11 @@ def load(spec: ModelSpec, cache_dir: str | None = None, device: str = "cpu") -> 
 
         log.info("Merging adapter %s into %s", spec.adapter, spec.name)
         model = PeftModel.from_pretrained(model, spec.adapter).merge_and_unload()
+    if spec.num_layers is not None and _config_depth(model.config) != spec.num_layers:
+        raise ModelSpecError(
+            f"model {spec.name!r}: the pair config pins num_layers={spec.num_layers}, but the loaded checkpoint has "
+            f"{_config_depth(model.config)} layers; fix `num_layers` in the pair config or set it to null."
+        )
     if spec.device_map is None:
         model = model.to(device)
     model.eval().requires_grad_(False)

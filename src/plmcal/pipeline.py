@@ -58,6 +58,64 @@ def daca_split(n: int, test_size: float = 0.7, seed: int = 1) -> tuple[np.ndarra
     return permutation[n_test : n_test + n_calibration], permutation[:n_test]
 
 
+SPLIT_BY = (None, "subject")
+
+
+def split_indices(n: int, split: dict[str, Any], groups: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Return (calibration, test) indices: one DACA split, or with ``split.by=subject`` one per subject.
+
+    Per subject, the subject's questions get the same sklearn-identical draw (``test_size``, ``seed``)
+    as :func:`daca_split`, and the calibration and test parts of all subjects are concatenated.
+    """
+    by = split.get("by")
+    if by not in SPLIT_BY:
+        raise PipelineError(f"split.by={by!r} is invalid; use null (one split) or 'subject' (one split per subject).")
+    test_size, seed = float(split.get("test_size", 0.7)), int(split.get("seed", 1))
+    if by is None:
+        return daca_split(n, test_size, seed)
+    if groups is None or len(groups) != n:
+        raise PipelineError(f"split.by=subject needs one subject per question, got {None if groups is None else len(groups)} for {n}.")
+    positions: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        positions.setdefault(group, []).append(index)
+    if len(positions) < 2:
+        log.warning("split.by=subject: the dataset has a single subject, so the split equals split.by=null")
+    calibration, test = [], []
+    for group, members in positions.items():
+        members_array = np.asarray(members)
+        try:
+            group_calibration, group_test = daca_split(len(members), test_size, seed)
+        except PipelineError as error:
+            raise PipelineError(f"subject {group!r}: {error} Drop the subject or use split.by=null.") from error
+        calibration.append(members_array[group_calibration])
+        test.append(members_array[group_test])
+    return np.concatenate(calibration), np.concatenate(test)
+
+
+def macro_average(per_group: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Average every metric over the groups with equal weight; ``n`` becomes the total count."""
+    names = next(iter(per_group.values())).keys()
+    averaged = {name: float(np.mean([metrics[name] for metrics in per_group.values()])) for name in names if name != "n"}
+    return averaged | {"n": int(sum(metrics["n"] for metrics in per_group.values()))}
+
+
+def per_group_results(
+    groups: list[str], test_index: torch.Tensor, probabilities: dict[str, torch.Tensor], labels: torch.Tensor, n_bins: int
+) -> dict[str, Any]:
+    """Evaluate each subject's test questions and macro-average over subjects.
+
+    ``probabilities`` maps a result key (``test``, ``test_uncalibrated``, ``plm_test``) to the (N_test, K)
+    probabilities of the test questions. Returns ``per_subject`` and the macro averages under the same keys.
+    """
+    test_groups = [groups[i] for i in test_index.tolist()]
+    per_subject: dict[str, dict[str, Any]] = {}
+    for group in dict.fromkeys(test_groups):
+        rows = torch.tensor([g == group for g in test_groups])
+        per_subject[group] = {key: evaluate(probs[rows], labels[rows], n_bins) for key, probs in probabilities.items()}
+    macro = {key: macro_average({group: result[key] for group, result in per_subject.items()}) for key in probabilities}
+    return {"per_subject": per_subject, **macro}
+
+
 def check_option_tokens(pair_tokenizers: dict[str, Any], option_strings: list[str]) -> dict[str, list[int]]:
     """Resolve option ids in each tokenizer and reject letters that decode differently across them."""
     resolved = {name: lens.resolve_option_ids(tok, option_strings, name) for name, tok in pair_tokenizers.items()}
@@ -220,10 +278,15 @@ def evaluate(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str
 
 def run_calibration(
     method: dict[str, Any], plm: Readout, polm: Readout, labels: torch.Tensor, split: dict[str, Any], seed: int, n_bins: int = 10, logger: Any = False,
+    groups: list[str] | None = None,
     ensemble_probs: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Split, fit the method's calibrator on the calibration part, evaluate on the test part.
 
+    With ``split.by=subject`` (``groups`` = each question's subject) every subject is split on its own,
+    one calibrator is fitted on all calibration parts, and ``test``, ``test_uncalibrated`` and
+    ``plm_test`` are macro averages over subjects (pooled values under ``*_pooled``, each subject's
+    under ``per_subject``).
     ``ensemble_probs`` (N, K), when given, are the PoLM probabilities of a method that fits nothing
     but reads the PoLM out several times (CAPE); they replace the calibrated probabilities.
     Only methods for which ``module.changes_predictions`` holds may change the PoLM's answers.
@@ -234,7 +297,7 @@ def run_calibration(
             "(plmcal.cape.ensemble_readouts); run it through plmcal.run."
         )
     n = labels.shape[0]
-    calibration_index, test_index = daca_split(n, float(split.get("test_size", 0.7)), int(split.get("seed", 1)))
+    calibration_index, test_index = split_indices(n, split, groups)
     calibration_index, test_index = torch.as_tensor(calibration_index), torch.as_tensor(test_index)
     plm_final, polm_final = plm.tensors["final_option_logits"], polm.tensors["final_option_logits"]
     agree = losses.agreement(plm_final, polm_final)
@@ -319,19 +382,25 @@ def run_calibration(
             "after": metrics.reliability_bins(after.max(dim=-1).values, (after.argmax(-1) == test_labels).double(), n_bins),
         },
     }
-    # Per-question test predictions, written to predictions.npz (not results.json): the aggregation
-    # bootstraps its intervals from them.
+    # Per-question test predictions of the calibrated PoLM, written to predictions.npz rather than
+    # results.json: the aggregation bootstraps its intervals from them. float32 confidences keep run
+    # folders small (the uncalibrated PoLM is the vanilla job's, and the point metrics above are float64).
     result["arrays"] = {
-        "test_index": test_index.numpy(),
-        "labels": test_labels.numpy(),
-        "probs": after.numpy(),
-        "probs_uncalibrated": before.numpy(),
-        "plm_probs": plm_probs.numpy(),
+        "test_index": test_index.numpy().astype(np.int32),
+        "labels": test_labels.numpy().astype(np.int16),
+        "confidence": after.max(dim=-1).values.numpy().astype(np.float32),
+        "prediction": after.argmax(dim=-1).numpy().astype(np.int16),
     }
     changed = before.argmax(-1) != after.argmax(-1)
     result["diagnostics"]["prediction_changed_rate"] = float(changed.double().mean())
     if changed.any() and not changes_predictions(method):
         raise PipelineError(f"{name}: temperature {temperature} changed a prediction; this is a bug, please report it.")
+    if split.get("by") == "subject":
+        # NOTE: DACA averages ECE over MMLU subjects, but its public code does not show whether T is
+        # fitted per subject. Here one T is fitted on the calibration parts of all subjects.
+        for key in ("test", "test_uncalibrated", "plm_test"):
+            result[f"{key}_pooled"] = result[key]
+        result |= per_group_results(groups, test_index, {"test": after, "test_uncalibrated": before, "plm_test": plm_probs}, test_labels, n_bins)
     return result
 
 

@@ -6,6 +6,7 @@ The read-out cache lets every cell over the same (model, dataset, prompt) reuse 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from plmcal import assets, cape, data, lens, models, pipeline, report
+from plmcal import assets, cape, data, lens, losses, models, pipeline, report
 from plmcal.cache import ReadoutCache
 from plmcal.module import validate_method
 from plmcal.prompt import PromptSpec
@@ -64,7 +65,7 @@ def start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
     )
 
 
-def log_to_wandb(run: Any, result: dict, run_dir: Path) -> None:
+def log_to_wandb(run: Any, result: dict, run_dir: Path, diagnosis_paths: dict[str, Path] | None = None) -> None:
     import wandb
 
     payload = {f"test/{k}": v for k, v in result["test"].items()}
@@ -72,11 +73,83 @@ def log_to_wandb(run: Any, result: dict, run_dir: Path) -> None:
     payload |= {f"plm_test/{k}": v for k, v in result["plm_test"].items()}
     payload |= {f"diag/{k}": v for k, v in result["diagnostics"].items()}
     payload["fit/temperature_final"] = result["temperature"]
-    payload["reliability"] = wandb.Image(str(run_dir / "reliability.png"))
-    run.log(payload)
+    images = {"reliability": wandb.Image(str(run_dir / "reliability.png"))}
+    if diagnosis_paths:
+        from plmcal.diagnosis import scalar_metrics
+
+        summary = json.loads((run_dir / "diagnosis" / "diagnosis.json").read_text())
+        payload |= scalar_metrics(summary)
+        images |= {f"diagnosis/{name}": wandb.Image(str(path)) for name, path in diagnosis_paths.items()}
+    run.log(payload | images)
     for key, value in payload.items():
-        if key != "reliability":
-            run.summary[key] = value
+        run.summary[key] = value
+
+
+def load_readouts(cfg: DictConfig, prompt: PromptSpec, plm_spec: models.ModelSpec, polm_spec: models.ModelSpec) -> tuple[list, dict[str, pipeline.Readout]]:
+    """Load the questions and both models' read-outs, from the cache or by forward passes."""
+    cache_dir = cfg.paths.cache_dir
+    rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
+    option_strings = prompt.option_strings(max(len(row.options) for row in rows))
+    tokenizers = {spec.name: models.load_tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
+    option_ids = pipeline.check_option_tokens(tokenizers, option_strings)
+
+    settings = lens.ReadoutSettings(**OmegaConf.to_container(cfg.readout, resolve=True))
+    cache = ReadoutCache(cache_dir, on_corrupt=cfg.cache.on_corrupt)
+    readouts = {}
+    for role, spec in (("plm", plm_spec), ("polm", polm_spec)):
+        if settings.dtype != spec.dtype:
+            settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": spec.dtype})
+        readouts[role] = pipeline.read_out(
+            spec, rows, exemplars, prompt, option_ids[spec.name], settings, cache, dataset_key, cache_dir, cfg.device
+        )
+        pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
+
+    return rows, readouts
+
+
+def load_cape_ensemble(cfg: DictConfig, prompt: PromptSpec, polm_spec: models.ModelSpec, method: dict, polm: pipeline.Readout) -> torch.Tensor:
+    """(N, K) CAPE probabilities: the PoLM read out once per cyclic option shift (cached per shift), averaged."""
+    cache_dir = cfg.paths.cache_dir
+    rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
+    settings = lens.ReadoutSettings(**OmegaConf.to_container(cfg.readout, resolve=True))
+    settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": polm_spec.dtype})
+    cache = ReadoutCache(cache_dir, on_corrupt=cfg.cache.on_corrupt)
+
+    def polm_read_out(shifted_rows: list, key: dict) -> dict:
+        readout = pipeline.read_out(polm_spec, shifted_rows, exemplars, prompt, polm.option_ids, settings, cache, key, cache_dir, cfg.device)
+        pipeline.check_finite(readout, cfg.dataset.name, shifted_rows)
+        return readout.tensors
+
+    n_columns = int(polm.tensors["final_option_logits"].shape[1])
+    try:
+        shifts = cape.shifts_for(method.get("permutations"), n_columns)
+    except cape.CapeError as error:
+        raise ConfigError(str(error)) from error
+    return cape.ensemble_readouts(rows, shifts, dataset_key, polm_read_out, data.fingerprint)
+
+
+def run_diagnosis(cfg: DictConfig, readouts: dict[str, pipeline.Readout], labels: torch.Tensor, run_dir: Path) -> dict[str, Path]:
+    """Write the drift diagnosis into ``run_dir/diagnosis`` when ``diagnosis.enabled`` asks for it."""
+    setting = cfg.get("diagnosis", {}).get("enabled", "auto")
+    if setting not in (True, False, "auto"):
+        raise ConfigError(f"diagnosis.enabled={setting!r} is invalid; use auto, true or false.")
+    if setting is False:
+        return {}
+    plm, polm = readouts["plm"], readouts["polm"]
+    possible = plm.n_layers > 0 and plm.n_layers == polm.n_layers
+    if not possible:
+        if setting is True:
+            raise ConfigError(
+                f"diagnosis.enabled=true needs per-layer read-outs of equal depth, got {plm.spec.name} with {plm.n_layers} "
+                f"layers and {polm.spec.name} with {polm.n_layers}; set diagnosis.enabled=auto or false for this pair."
+            )
+        log.info("Drift diagnosis skipped: %s and %s have no per-layer read-outs of equal depth.", plm.spec.name, polm.spec.name)
+        return {}
+    from plmcal.diagnosis import diagnose, write_diagnosis
+
+    support = cfg.diagnosis.get("support", "options")
+    diagnosis = diagnose(plm, polm, labels, support)
+    return write_diagnosis(diagnosis, run_dir / "diagnosis", title=f"({cfg.dataset.name})")
 
 
 def run_job(cfg: DictConfig, run_dir: Path) -> dict:
@@ -98,11 +171,24 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     split_cfg = OmegaConf.to_container(cfg.split, resolve=True)
     if not 0.0 < float(split_cfg.get("test_size", 0.7)) < 1.0:
         raise ConfigError(f"split.test_size={split_cfg.get('test_size')!r} is invalid; use a fraction in (0, 1), 0.7 in DACA.")
+    if split_cfg.get("by") not in pipeline.SPLIT_BY:
+        raise ConfigError(f"split.by={split_cfg.get('by')!r} is invalid; use null (one split) or subject (one split per subject).")
     support = method.get("support", "options")
     if support in ("full_vocab", "topk") and not cfg.readout.full_vocab_lse:
         raise ConfigError(f"method.support={support} needs readout.full_vocab_lse=true.")
     if support == "topk" and not int(cfg.readout.get("topk") or 0):
         raise ConfigError("method.support=topk needs per-layer top-k logits; set readout.topk to a positive k (16 by default).")
+    diagnosis_cfg = cfg.get("diagnosis") or {}
+    if diagnosis_cfg.get("enabled", "auto") not in (True, False, "auto"):
+        raise ConfigError(f"diagnosis.enabled={diagnosis_cfg.get('enabled')!r} is invalid; use auto, true or false.")
+    diagnosis_support = diagnosis_cfg.get("support", "options")
+    if diagnosis_cfg.get("enabled", "auto") is not False:
+        if diagnosis_support not in losses.SUPPORTS:
+            raise ConfigError(f"diagnosis.support={diagnosis_support!r} is invalid; use one of {list(losses.SUPPORTS)}.")
+        if diagnosis_support == "topk" and not int(cfg.readout.get("topk") or 0):
+            raise ConfigError("diagnosis.support=topk needs readout.topk > 0; set readout.topk=16 or diagnosis.support=options.")
+        if diagnosis_support != "options" and not cfg.readout.full_vocab_lse:
+            raise ConfigError(f"diagnosis.support={diagnosis_support} needs readout.full_vocab_lse=true.")
     if method.get("loss") == "dual_align" and not cfg.readout.lens:
         raise ConfigError("method=dual_align needs readout.lens=true (per-layer read-outs).")
 
@@ -112,39 +198,10 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
             method["name"], plm_spec.name, models.num_layers(plm_spec, cache_dir), polm_spec.name, models.num_layers(polm_spec, cache_dir)
         )
 
-    rows, exemplars, dataset_key = pipeline.prepare_questions(cfg.dataset, prompt, cache_dir)
-    option_strings = prompt.option_strings(max(len(row.options) for row in rows))
-    tokenizers = {spec.name: models.load_tokenizer(spec, cache_dir) for spec in (plm_spec, polm_spec)}
-    option_ids = pipeline.check_option_tokens(tokenizers, option_strings)
-
-    settings = lens.ReadoutSettings(**OmegaConf.to_container(cfg.readout, resolve=True))
-    cache = ReadoutCache(cache_dir, on_corrupt=cfg.cache.on_corrupt)
-    readouts = {}
-    for role, spec in (("plm", plm_spec), ("polm", polm_spec)):
-        if settings.dtype != spec.dtype:
-            settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": spec.dtype})
-        readouts[role] = pipeline.read_out(
-            spec, rows, exemplars, prompt, option_ids[spec.name], settings, cache, dataset_key, cache_dir, cfg.device
-        )
-        pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
-
-    ensemble = None
-    if method.get("ensemble") == "cape":
-        def polm_read_out(shifted_rows: list, key: dict) -> dict:
-            readout = pipeline.read_out(
-                polm_spec, shifted_rows, exemplars, prompt, option_ids[polm_spec.name], settings, cache, key, cache_dir, cfg.device
-            )
-            pipeline.check_finite(readout, cfg.dataset.name, shifted_rows)
-            return readout.tensors
-
-        n_columns = int(readouts["polm"].tensors["final_option_logits"].shape[1])
-        try:
-            shifts = cape.shifts_for(method.get("permutations"), n_columns)
-        except cape.CapeError as error:
-            raise ConfigError(str(error)) from error
-        ensemble = cape.ensemble_readouts(rows, shifts, dataset_key, polm_read_out, data.fingerprint)
-
+    rows, readouts = load_readouts(cfg, prompt, plm_spec, polm_spec)
+    ensemble = load_cape_ensemble(cfg, prompt, polm_spec, method, readouts["polm"]) if method.get("ensemble") == "cape" else None
     labels = torch.tensor([row.gold for row in rows])
+    diagnosis_paths = run_diagnosis(cfg, readouts, labels, run_dir)
     wandb_run = start_wandb(cfg, run_dir)
     try:
         logger = False
@@ -154,6 +211,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
             logger = WandbLogger(experiment=wandb_run)
         result = pipeline.run_calibration(
             method, readouts["plm"], readouts["polm"], labels, OmegaConf.to_container(cfg.split), int(cfg.seed), int(cfg.n_bins), logger,
+            groups=[row.subject for row in rows],
             ensemble_probs=ensemble,
         )
         result |= {
@@ -171,7 +229,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         }
         table = report.write_job(result, run_dir)
         if wandb_run is not None:
-            log_to_wandb(wandb_run, result, run_dir)
+            log_to_wandb(wandb_run, result, run_dir, diagnosis_paths)
     except BaseException:
         if wandb_run is not None:
             wandb_run.finish(exit_code=1)  # marks the W&B run as failed
