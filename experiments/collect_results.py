@@ -3,8 +3,8 @@
 Each job keeps results.json and predictions.npz, which is all that ``plmcal.aggregate`` reads, so
 the committed tables can be rebuilt from the committed run folders:
 
-    python experiments/collect_results.py /tmp/abl/terms_a /tmp/abl/terms_b ... --dest docs/results
-    python -m plmcal.aggregate docs/results/runs --out docs/results --compare daca:dual_align
+    python experiments/collect_results.py /tmp/abl/terms_a /tmp/abl/terms_b ... --dest experiments/results/ablations
+    python -m plmcal.aggregate experiments/results/ablations/runs --out experiments/results/ablations --compare daca:dual_align
 
 The first command also runs the second. Folder names under ``runs/`` are the multirun folders' names.
 """
@@ -38,7 +38,7 @@ def copy_slim(run_dir: Path, dest: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="*", type=Path, help="finished multirun folders to copy in")
-    parser.add_argument("--dest", type=Path, default=Path("docs/results"), help="output folder (runs/ and the tables)")
+    parser.add_argument("--dest", type=Path, default=Path("experiments/results/ablations"), help="output folder (runs/ and the tables)")
     parser.add_argument("--resamples", type=int, default=1000)
     args = parser.parse_args()
     for run_dir in args.run_dirs:

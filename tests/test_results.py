@@ -1,4 +1,4 @@
-"""The committed ablation tables (docs/results) are rebuilt exactly from the committed run folders."""
+"""The committed ablation tables (experiments/results/ablations) are rebuilt exactly from the committed run folders."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from helpers import REPO_ROOT
 from plmcal import aggregate
 
-RESULTS = REPO_ROOT / "docs" / "results"
+RESULTS = REPO_ROOT / "experiments" / "results" / "ablations"
 
-pytestmark = pytest.mark.skipif(not (RESULTS / "runs").is_dir(), reason="no committed run folders under docs/results/runs")
+pytestmark = pytest.mark.skipif(not (RESULTS / "runs").is_dir(), reason="no committed run folders under experiments/results/ablations/runs")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def rebuilt(tmp_path_factory) -> Path:
     previous = os.getcwd()
     os.chdir(REPO_ROOT)  # the tables name their source folder relative to the repository root
     try:
-        aggregate.aggregate([Path("docs/results/runs")], out, COMPARISONS, 1000)
+        aggregate.aggregate([Path("experiments/results/ablations/runs")], out, COMPARISONS, 1000)
     finally:
         os.chdir(previous)
     return out
