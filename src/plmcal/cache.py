@@ -1,7 +1,7 @@
 """On-disk cache of read-outs, keyed by everything that changes their values.
 
 One entry is a folder ``<cache>/readouts/<model>/<dataset>/<key hash>/`` with ``readout.safetensors``
-and ``meta.json``. ``meta.json`` stores the full key and the sha256 of the tensor file, so a
+and ``meta.json``. A read-out in progress keeps its finished shards in ``<key hash>.shards/``. ``meta.json`` stores the full key and the sha256 of the tensor file, so a
 truncated or edited file is detected on load instead of feeding wrong numbers to a method.
 """
 
@@ -50,6 +50,11 @@ class ReadoutCache:
 
     def entry_dir(self, key: dict) -> Path:
         return self.root / _slug(str(key.get("model", "model"))) / _slug(str(key.get("dataset", "dataset"))) / key_hash(key)
+
+    def shard_dir(self, key: dict) -> Path:
+        """Folder of the per-shard files of a read-out in progress, next to its entry."""
+        folder = self.entry_dir(key)
+        return folder.with_name(folder.name + ".shards")
 
     def load(self, key: dict) -> dict[str, torch.Tensor] | None:
         """Return the cached tensors for ``key``, None on a miss; raise or discard a corrupt entry."""

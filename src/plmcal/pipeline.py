@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from plmcal import data, lens, losses, metrics, models
+from plmcal import data, lens, losses, metrics, models, predict
 from plmcal.cache import ReadoutCache
 from plmcal.module import fit_temperature
 from plmcal.prompt import PromptSpec, build_prompts, split_fewshot
+from plmcal.shards import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,12 @@ def read_out(
     dataset_key: dict,
     cache_dir: str | None,
     device: str,
-) -> Readout:
-    """Return the model's read-out on ``rows``, from the cache or from one forward pass per question."""
+) -> Readout | None:
+    """Return the model's read-out on ``rows``, from the cache or from one forward pass per question.
+
+    Finished shards of an interrupted read-out are reused. Returns None on the non-zero ranks of a
+    multi-process read-out (``readout.engine=lightning`` with strategy ddp), where rank 0 saves the entry.
+    """
     key = {
         "model": spec.name,
         "weights": spec.identity(cache_dir),
@@ -129,11 +134,13 @@ def read_out(
     }
     tensors = cache.load(key)
     if tensors is None:
+        shards = ShardStore(cache.shard_dir(key), key)
         model, tokenizer = models.load(spec, cache_dir, device)
         try:
             prompts = build_prompts(tokenizer, rows, prompt, exemplars)
+            extract = lens.extract if settings.engine == "loop" else predict.extract
             started = time.perf_counter()
-            tensors = lens.extract(
+            tensors = extract(
                 model,
                 tokenizer,
                 prompts,
@@ -142,10 +149,14 @@ def read_out(
                 settings,
                 add_special_tokens=not prompt.chat_template,  # a chat template already inserts BOS
                 description=f"{spec.name} on {dataset_key['name']}",
+                shards=shards,
             )
             seconds = time.perf_counter() - started
+            if tensors is None:
+                return None  # a non-zero rank of a multi-process read-out: rank 0 merges and saves
             log.info("%s: %d questions read out in %.1f s (%.2f questions/s)", spec.name, len(rows), seconds, len(rows) / seconds)
             cache.save(key, tensors, extra={"seconds": seconds, "model": models.describe(model), "option_ids": option_ids})
+            shards.remove()
         finally:
             models.release(model)
     return Readout(spec, tensors, option_ids, key)
