@@ -13,6 +13,7 @@ must stop after their read-outs (``plmcal.run`` does).
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Sequence
 
 import lightning as L
@@ -122,7 +123,10 @@ def extract(
             callbacks=[ShardWriter(shards, settings.shard_batches)],
         )
         log.info("%s: %d questions on %d %s device(s), strategy %s", description, len(todo), devices, settings.accelerator, trainer.strategy.__class__.__name__)
-        trainer.predict(predictor, return_predictions=False)
+        with warnings.catch_warnings():
+            # The writer needs no batch indices: every prediction carries its question indices.
+            warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+            trainer.predict(predictor, return_predictions=False)
         if trainer.global_rank != 0:
             return None
 

@@ -79,8 +79,11 @@ def log_to_wandb(run: Any, result: dict, run_dir: Path) -> None:
             run.summary[key] = value
 
 
-def run_job(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``."""
+def run_job(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``.
+
+    Returns None on the non-zero ranks of a multi-process read-out, which stop after their shards.
+    """
     started = time.perf_counter()
     cache_dir = cfg.paths.cache_dir
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
@@ -123,10 +126,20 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
     for role, spec in (("plm", plm_spec), ("polm", polm_spec)):
         if settings.dtype != spec.dtype:
             settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": spec.dtype})
+        if settings.engine == "lightning" and spec.device_map is not None:
+            raise ConfigError(
+                f"readout.engine=lightning places the model itself, but {spec.name} sets device_map={spec.device_map!r}; "
+                "use readout.engine=loop for a model split over devices."
+            )
         readouts[role] = pipeline.read_out(
             spec, rows, exemplars, prompt, option_ids[spec.name], settings, cache, dataset_key, cache_dir, cfg.device
         )
-        pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
+        if readouts[role] is not None:
+            pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
+    if any(readout is None for readout in readouts.values()):
+        # A non-zero rank of readout.engine=lightning with strategy=ddp: its shards are written, rank 0 fits.
+        log.info("This rank wrote its read-out shards; rank 0 continues the job.")
+        return None
 
     labels = torch.tensor([row.gold for row in rows])
     wandb_run = start_wandb(cfg, run_dir)
@@ -198,6 +211,8 @@ def main(cfg: DictConfig) -> float:
         report.write_error(run_dir, error, _task_overrides())
         if not _is_multirun():
             raise
+        return float("nan")
+    if result is None:
         return float("nan")
     return result["test"]["ece"]  # the value an hparams sweeper would minimise
 
