@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,11 @@ from plmcal.module import validate_method
 from plmcal.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml share their names with the plugins'
+# schemas, so Hydra validates them against those schemas and warns that this matching is deprecated.
+# The files set _target_ and every field themselves, so they also work once Hydra drops the matching.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
@@ -218,4 +224,9 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    # Call main through the importable module: launchers that pickle the task function (joblib,
+    # submitit) then pickle a reference to plmcal.run.main, and importing plmcal.run in the worker
+    # registers the config resolvers. A function of __main__ would be pickled by value without them.
+    from plmcal.run import main as importable_main
+
+    importable_main()
