@@ -37,6 +37,7 @@ DEFAULT_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 SWEEP_DATASETS = ("sciq", "arc_easy", "arc_challenge", "mmlu_slice", "openbookqa", "commonsense_qa")
 SWEEP_METHODS = ("vanilla", "ts_oracle", "daca", "dual_align")
 FIT_METHODS = ("vanilla", "ts_oracle", "daca", "daca_faithful", "dual_align")
+EXTRACTION_VARIANTS = ("bare", "ours_full", "ours_options", "one_prompt")
 PROMPT = "daca_spaced"  # the embedded pair's two models agree on almost no question with the official prompt
 
 log = logging.getLogger("benchmark")
@@ -54,7 +55,7 @@ def compose(overrides: list[str]):
 
 
 def bench_questions(n: int, dataset: str = "sciq"):
-    """The first ``n`` questions of ``dataset`` with the daca_spaced prompt, and what the read-out needs."""
+    """Load the first ``n`` questions of ``dataset`` with the daca_spaced prompt, the model specs and option ids."""
     from plmcal import models, pipeline
     from plmcal.prompt import PromptSpec
 
@@ -83,7 +84,7 @@ def reset_peak_rss() -> None:
 
 # --- extraction variants (run in a subprocess each) -----------------------------------------------
 def one_prompt_loop(model, tokenizer, prompts, option_ids) -> torch.Tensor:
-    """One prompt per call, full logits of every position, no hooks: how the official DACA code calls a model."""
+    """Read out one prompt per call with the full logits of every position and no hooks, as the official DACA code calls a model."""
     index = torch.tensor(option_ids)
     rows = []
     with torch.inference_mode():
@@ -95,7 +96,7 @@ def one_prompt_loop(model, tokenizer, prompts, option_ids) -> torch.Tensor:
 
 
 def bare_forward(model, tokenizer, prompts, option_ids, settings) -> torch.Tensor:
-    """The read-out's batches (length-sorted, left-padded, explicit positions) with no hooks and logits_to_keep=1."""
+    """Run the read-out's batches (length-sorted, left-padded, explicit positions) with no hooks and logits_to_keep=1."""
     from plmcal import lens
 
     lengths = lens.token_lengths(tokenizer, prompts, True)
@@ -165,12 +166,6 @@ def run_worker(variant: str, args: argparse.Namespace, model: str = "plm", dtype
     return result
 
 
-def best_of(variant: str, args: argparse.Namespace, **kwargs: Any) -> dict:
-    """The fastest of ``args.repeats`` runs: other jobs on the machine only ever slow a run down."""
-    runs = [run_worker(variant, args, **kwargs) for _ in range(args.repeats)]
-    return min(runs, key=lambda r: r["seconds"])
-
-
 # --- bf16 ECE -------------------------------------------------------------------------------------
 def ece_by_dtype(args: argparse.Namespace, scratch: Path) -> dict:
     """PoLM ECE before and after DACA from float32 and from bfloat16 read-outs of the same questions."""
@@ -201,7 +196,7 @@ def _method(name: str) -> dict:
 
 
 def official_loop(plm: torch.Tensor, polm: torch.Tensor, seed: int) -> float:
-    """The official DACA optimisation loop as a plain torch loop: raw T = 1, Adam lr 0.1, 400 epochs, batch 256."""
+    """Fit T with the official DACA optimisation loop in plain torch: raw T = 1, Adam lr 0.1, 400 epochs, batch 256."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from plmcal import losses
@@ -338,7 +333,7 @@ def write_doc(path: Path, report: dict, command: str) -> None:
         f"- Date: {report['date']}",
         f"- Questions: the first {report['questions']} SciQ questions, prompt `{PROMPT}`, batch size {report['batch_size']}; "
         f"extraction on the PLM (Gemma-3-270M; the PoLM has the same architecture). Each variant runs in its own subprocess "
-        f"after one warm-up batch; the table keeps the fastest of {report['repeats']} runs.",
+        f"after one warm-up batch; the variants run in {report['repeats']} interleaved rounds and the table keeps each one's fastest run.",
         "",
         "## Targets",
         "",
@@ -418,7 +413,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--questions", type=int, default=96, help="SciQ questions of the extraction and bf16 runs")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per forward pass of the batched variants")
-    parser.add_argument("--repeats", type=int, default=2, help="runs per extraction variant and fit; the fastest is kept")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds of the extraction variants, and runs per fit; the fastest of each is kept")
     parser.add_argument("--sweep-limit", type=int, default=None, help="questions per dataset in the sweep (dataset.limit); default all")
     parser.add_argument("--fit-dataset", default="sciq", help="dataset whose cached read-outs the fit timings use")
     parser.add_argument("--launchers", default="basic,joblib", help="comma-separated Hydra launchers to time the sweep with")
@@ -443,7 +438,9 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
 
     log.info("Extraction variants")
-    report["extraction"] = {variant: best_of(variant, args) for variant in ("bare", "ours_full", "ours_options", "one_prompt")}
+    # Interleaved rounds, so that a burst of load from other jobs hits every variant alike.
+    rounds = [{variant: run_worker(variant, args) for variant in EXTRACTION_VARIANTS} for _ in range(args.repeats)]
+    report["extraction"] = {variant: min((r[variant] for r in rounds), key=lambda r: r["seconds"]) for variant in EXTRACTION_VARIANTS}
     log.info("bf16 vs fp32")
     report["bf16"] = ece_by_dtype(args, scratch)
 

@@ -12,8 +12,8 @@ from plmcal.cache import ReadoutCache
 from plmcal.prompt import build_prompts
 from plmcal.shards import ROWS, ShardStore
 
-# The resumed run forms the same batches as the uninterrupted one, so the values match bit for bit
-# on one CPU thread; the tolerance only allows for a different kernel choice between processes.
+# The resumed run forms the same batches as the uninterrupted one, so on one CPU thread the values
+# match bit for bit. The tolerance only allows for another kernel choice in another process.
 RESUME_TOL = dict(rtol=1e-5, atol=1e-6)
 N_ROWS, BATCH, SHARD_BATCHES = 10, 2, 2  # 5 batches, shards of 2 + 2 + 1 batches
 

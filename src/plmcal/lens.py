@@ -195,6 +195,7 @@ class LensReader:
         """Return this batch's read-out rows on CPU (float32 values), in the order of ``prompts``."""
         settings, parts, option_index = self.settings, self.parts, self.option_index
         self.captured.clear()
+
         encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens).to(self.input_device)
         # Positions must ignore the left padding, or a padded row would see shifted rotary positions.
         position_ids = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
@@ -205,6 +206,7 @@ class LensReader:
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1, :].float()  # (B, V)
+
         index = option_index.to(logits.device)
         out = {
             "final_option_logits": logits[:, index].cpu(),
@@ -213,6 +215,7 @@ class LensReader:
         }
         if not settings.lens:
             return out
+
         if len(self.captured) != self.n_layers:
             raise LensError(f"captured {len(self.captured)} layer outputs, expected {self.n_layers}; a layer ran twice or not at all.")
         normed = parts.final_norm(torch.stack(self.captured, dim=1))  # (B, L, D)

@@ -33,6 +33,7 @@ CHOICES = {
     "weight_fn": losses.WEIGHT_FUNCTIONS,
     "terms": ("both", "confidence", "process"),
     "support": losses.SUPPORTS,
+    "fit_loop": ("auto", "trainer"),
 }
 
 
@@ -191,7 +192,10 @@ def _quiet_lightning() -> None:
 
 
 def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], seed: int, logger: Any = False, progress: bool = False) -> tuple[float, list[float]]:
-    """Fit the temperature with a Lightning Trainer.
+    """Fit the temperature with a Lightning Trainer, or directly for a one-step full-batch fit.
+
+    With ``method.fit_loop=auto`` (the default) and no logger, a fit of one full-batch step (epochs 1,
+    batch_size null: the L-BFGS fits) runs without the Trainer. ``fit_loop=trainer`` always uses it.
 
     Returns (T, losses): the loss of the initial T on the whole calibration set, the loss of every
     optimiser step, then the loss of the fitted T on the whole calibration set.
@@ -206,8 +210,6 @@ def fit_temperature(method: dict[str, Any], tensors: dict[str, torch.Tensor], se
     with torch.no_grad():
         initial_loss, _ = module.loss(tensors)  # full calibration set at the initial T
     fit_loop = method.get("fit_loop", "auto")
-    if fit_loop not in ("auto", "trainer"):
-        raise ValueError(f"method.fit_loop={fit_loop!r} is invalid; use auto or trainer.")
     single_step = int(method.get("epochs", 1)) == 1 and method.get("batch_size") is None
     if fit_loop == "auto" and single_step and not logger:
         # One full-batch step (the L-BFGS fits): the Trainer would run the same closure once, and its
