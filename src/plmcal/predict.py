@@ -8,6 +8,9 @@ interrupted run included, into the full read-out.
 With ``strategy=ddp`` Lightning starts the other ranks by running the same command again, so every
 rank runs the calling script up to and through this function. There the non-zero ranks get None and
 must stop after their read-outs (``plmcal.run`` does).
+
+NOTE: tested with 2 CPU ranks (gloo) from a plain script. A ddp run started by ``python -m plmcal.run``
+(Lightning re-runs the Hydra command per rank) and runs on GPUs were not tried here.
 """
 
 from __future__ import annotations
