@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test,posttrain]"
+	$(BIN)/python -m pip install --quiet -e ".[test,posttrain,launchers]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## Create .venv and install the package with its test and post-training extras
+install: $(STAMP)  ## Create .venv and install the package with its test, post-training and launcher extras
 
 assets: $(STAMP)  ## Fetch, verify and convert the embedded models and benchmarks (idempotent)
 	$(BIN)/python -m plmcal.assets

@@ -162,3 +162,26 @@ def test_optimizer_kwargs_no_lr():
 
     with pytest.raises(ValueError, match="set method.lr"):
         validate_method({"name": "x", "loss": "daca", "optimizer": "adam", "lr": 0.1, "optimizer_kwargs": {"lr": 1.0}})
+
+
+# --- the one-step fast path (no Trainer) against the Trainer ---------------------------------------
+@pytest.mark.parametrize("name", ["daca", "ts_oracle", "match_all"])
+def test_single_step_equals_trainer(name, calibration_set):
+    plm, polm = calibration_set
+    tensors = fit_tensors(plm, polm, labels=torch.arange(plm.shape[0]) % plm.shape[1])
+    method = method_config(name)
+    direct_t, direct_losses = module.fit_temperature(method, tensors, seed=0)
+    trainer_t, trainer_losses = module.fit_temperature(method | {"fit_loop": "trainer"}, tensors, seed=0)
+    # Same module, optimiser and full batch: only the order of the float32 sums may differ.
+    assert_close(direct_t, trainer_t, rtol=1e-5, atol=1e-6)
+    assert_close(direct_losses[-1], trainer_losses[-1], rtol=1e-5, atol=1e-7)
+
+
+def test_single_step_loss_count(calibration_set):
+    _, fitted = module.fit_temperature(method_config("daca"), fit_tensors(*calibration_set), seed=0)
+    assert len(fitted) == 3  # initial, the one L-BFGS step, final
+
+
+def test_bad_fit_loop(calibration_set):
+    with pytest.raises(ValueError, match="method.fit_loop='fast'"):
+        module.fit_temperature(method_config("daca") | {"fit_loop": "fast"}, fit_tensors(*calibration_set), seed=0)

@@ -1,7 +1,7 @@
 """On-disk cache of read-outs, keyed by everything that changes their values.
 
 One entry is a folder ``<cache>/readouts/<model>/<dataset>/<key hash>/`` with ``readout.safetensors``
-and ``meta.json``. ``meta.json`` stores the full key and the sha256 of the tensor file, so a
+and ``meta.json``. A read-out in progress keeps its finished shards in ``<key hash>.shards/``. ``meta.json`` stores the full key and the sha256 of the tensor file, so a
 truncated or edited file is detected on load instead of feeding wrong numbers to a method.
 """
 
@@ -14,12 +14,19 @@ import os
 import re
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from plmcal.assets import sha256_file
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,29 @@ class ReadoutCache:
 
     def entry_dir(self, key: dict) -> Path:
         return self.root / _slug(str(key.get("model", "model"))) / _slug(str(key.get("dataset", "dataset"))) / key_hash(key)
+
+    def shard_dir(self, key: dict) -> Path:
+        """Folder of the per-shard files of a read-out in progress, next to its entry."""
+        folder = self.entry_dir(key)
+        return folder.with_name(folder.name + ".shards")
+
+    @contextmanager
+    def lock(self, key: dict) -> Iterator[None]:
+        """Hold an exclusive lock on one entry, so that parallel sweep cells read a model out only once.
+
+        The other processes wait, then find the entry written. ``fcntl.flock`` is POSIX-only.
+        """
+        if fcntl is None:  # NOTE: no cross-process lock on Windows; parallel cells may read out the same entry twice
+            yield
+            return
+        folder = self.entry_dir(key)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with open(folder.with_name(folder.name + ".lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def load(self, key: dict) -> dict[str, torch.Tensor] | None:
         """Return the cached tensors for ``key``, None on a miss; raise or discard a corrupt entry."""

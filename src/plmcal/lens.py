@@ -15,7 +15,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from plmcal.shards import ShardStore, fill_from_shards, finished_rows
+
 log = logging.getLogger(__name__)
+
+
+ENGINES = ("loop", "lightning")
 
 
 class LensError(RuntimeError):
@@ -76,7 +81,7 @@ def resolve_option_ids(tokenizer: Any, option_strings: Sequence[str], model_name
 
 @dataclass
 class ReadoutSettings:
-    """Settings that change the read-out values; all of them enter the cache key."""
+    """Read-out settings. Those that change the values enter the cache key (``key()``)."""
 
     batch_size: int = 8
     dtype: str = "float32"
@@ -84,6 +89,11 @@ class ReadoutSettings:
     full_vocab_lse: bool = True  # per-layer logsumexp over the whole vocabulary (option mass)
     sort_by_length: bool = True  # batches of similar length waste less compute on padding
     topk: int = 0  # per-layer top-k vocabulary logits and ids (the "topk" support of Dual-Align); 0 = off
+    shard_batches: int = 16  # batches per shard file; an interrupted read-out resumes after its last shard
+    engine: str = "loop"  # loop: one process; lightning: Lightning's predict loop over `devices`
+    devices: int = 1  # processes (CPU) or accelerators of the lightning engine
+    strategy: str = "ddp"  # Lightning strategy of the lightning engine when devices > 1
+    accelerator: str = "auto"  # Lightning accelerator of the lightning engine (cpu, gpu, auto)
 
     def __post_init__(self):
         if int(self.batch_size) < 1:
@@ -92,9 +102,15 @@ class ReadoutSettings:
             raise ValueError(f"readout.topk={self.topk!r} is invalid; use 0 (off) or a positive whole number such as 16.")
         if int(self.topk) > 0 and not (self.lens and self.full_vocab_lse):
             raise ValueError(f"readout.topk={self.topk} needs readout.lens=true and readout.full_vocab_lse=true; set readout.topk=0 otherwise.")
+        if int(self.shard_batches) < 1 or int(self.shard_batches) != float(self.shard_batches):
+            raise ValueError(f"readout.shard_batches={self.shard_batches!r} is invalid; use a positive whole number of batches per shard.")
+        if self.engine not in ENGINES:
+            raise ValueError(f"readout.engine={self.engine!r} is invalid; use one of {list(ENGINES)}.")
+        if int(self.devices) < 1:
+            raise ValueError(f"readout.devices={self.devices!r} is invalid; use a positive number of devices.")
 
     def key(self) -> dict:
-        # batch_size and sorting change results only by float rounding; they stay out of the key.
+        # batch_size, sorting, sharding and the engine change results only by float rounding; they stay out of the key.
         key = {"dtype": self.dtype, "lens": self.lens, "full_vocab_lse": self.full_vocab_lse}
         if int(self.topk) > 0:
             key["topk"] = int(self.topk)
@@ -114,7 +130,134 @@ def _layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-@torch.inference_mode()
+def token_lengths(tokenizer: Any, prompts: Sequence[str], add_special_tokens: bool) -> list[int]:
+    return [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+def batch_order(lengths: Sequence[int], settings: ReadoutSettings) -> list[int]:
+    """Question indices in processing order: longest first when sorting, so each batch pads little."""
+    indices = range(len(lengths))
+    return sorted(indices, key=lambda i: -lengths[i]) if settings.sort_by_length else list(indices)
+
+
+def chunks(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def allocate(n_prompts: int, n_layers: int, k_max: int, settings: ReadoutSettings) -> dict[str, torch.Tensor]:
+    """Empty (N, ...) tensors for every per-question value that the read-out computes."""
+    out = {
+        "final_option_logits": torch.empty(n_prompts, k_max),
+        "final_logsumexp": torch.empty(n_prompts),
+        "greedy_token": torch.empty(n_prompts, dtype=torch.long),
+    }
+    if settings.lens:
+        out["lens_option_logits"] = torch.empty(n_prompts, n_layers, k_max)
+        if settings.full_vocab_lse:
+            out["lens_logsumexp"] = torch.empty(n_prompts, n_layers)
+        if int(settings.topk) > 0:
+            out["lens_topk_logits"] = torch.empty(n_prompts, n_layers, int(settings.topk))
+            out["lens_topk_ids"] = torch.empty(n_prompts, n_layers, int(settings.topk), dtype=torch.int32)
+    return out
+
+
+class LensReader:
+    """Reads one batch of prompts: one forward pass, hooks on the decoder layers, the lens at the last position.
+
+    Use it as a context manager: the layer hooks exist only inside the ``with`` block.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, option_ids: Sequence[int], settings: ReadoutSettings, add_special_tokens: bool = True):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.add_special_tokens = add_special_tokens
+        self.parts = find_parts(model)
+        self.n_layers = len(self.parts.layers)
+        # With device_map the layers may sit on several devices; the lens runs where the final norm is.
+        self.input_device = model.get_input_embeddings().weight.device
+        self.lens_device = next(self.parts.final_norm.parameters(), self.parts.unembed.weight).device
+        self.option_index = torch.tensor(list(option_ids), device=self.parts.unembed.weight.device)
+        self.captured: list[torch.Tensor] = []
+        self.hooks: list[Any] = []
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"  # the answer position is then the last column of every row
+
+    def __enter__(self) -> "LensReader":
+        if self.settings.lens:
+            self.hooks = [layer.register_forward_hook(self._keep_last_position) for layer in self.parts.layers]
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _keep_last_position(self, _module, _inputs, output):
+        self.captured.append(_layer_output(output)[:, -1, :].to(self.lens_device))  # (B, D): only the answer position
+
+    @torch.inference_mode()
+    def read_batch(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Return this batch's read-out rows on CPU (float32 values), in the order of ``prompts``."""
+        settings, parts, option_index = self.settings, self.parts, self.option_index
+        self.captured.clear()
+
+        encoded = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens).to(self.input_device)
+        # Positions must ignore the left padding, or a padded row would see shifted rotary positions.
+        position_ids = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=encoded["input_ids"],
+            attention_mask=encoded["attention_mask"],
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits[:, -1, :].float()  # (B, V)
+
+        index = option_index.to(logits.device)
+        out = {
+            "final_option_logits": logits[:, index].cpu(),
+            "final_logsumexp": torch.logsumexp(logits, dim=-1).cpu(),
+            "greedy_token": logits.argmax(dim=-1).cpu(),
+        }
+        if not settings.lens:
+            return out
+
+        if len(self.captured) != self.n_layers:
+            raise LensError(f"captured {len(self.captured)} layer outputs, expected {self.n_layers}; a layer ran twice or not at all.")
+        normed = parts.final_norm(torch.stack(self.captured, dim=1))  # (B, L, D)
+        self.captured.clear()
+        if settings.full_vocab_lse:
+            lens_logits = _softcap(parts.unembed(normed.to(parts.unembed.weight.device)).float(), parts.softcap)  # (B, L, V)
+            out["lens_option_logits"] = lens_logits[..., option_index].cpu()
+            out["lens_logsumexp"] = torch.logsumexp(lens_logits, dim=-1).cpu()
+            if int(settings.topk) > 0:
+                top = torch.topk(lens_logits, int(settings.topk), dim=-1)
+                out["lens_topk_logits"] = top.values.cpu()
+                out["lens_topk_ids"] = top.indices.to(torch.int32).cpu()
+        else:
+            # Only the K option rows of the unembedding: (B, L, D) @ (D, K).
+            weight = parts.unembed.weight
+            option_logits = nn.functional.linear(normed.to(weight.device), weight[option_index], _bias_rows(parts.unembed, option_index))
+            out["lens_option_logits"] = _softcap(option_logits.float(), parts.softcap).cpu()
+        return out
+
+
+def finalize(out: dict[str, torch.Tensor], lengths: Sequence[int], option_ids: Sequence[int], n_options: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Mark absent option columns with -inf and add the per-question counts and flags."""
+    k_max = len(option_ids)
+    counts = torch.tensor(list(n_options), dtype=torch.long)
+    # Columns beyond each question's option count are not options of that question.
+    absent = torch.arange(k_max)[None, :] >= counts[:, None]  # (N, K)
+    out["final_option_logits"][absent] = float("-inf")
+    if "lens_option_logits" in out:
+        n_layers = out["lens_option_logits"].shape[1]
+        out["lens_option_logits"][absent[:, None, :].expand(-1, n_layers, -1)] = float("-inf")
+    out["prompt_tokens"] = torch.tensor(list(lengths), dtype=torch.long)
+    out["n_options"] = counts
+    is_option = (out["greedy_token"][:, None] == torch.tensor(list(option_ids))[None, :]) & ~absent  # (N, K)
+    out["greedy_is_option"] = is_option.any(dim=-1)
+    return out
+
+
 def extract(
     model: nn.Module,
     tokenizer: Any,
@@ -124,6 +267,7 @@ def extract(
     settings: ReadoutSettings,
     add_special_tokens: bool = True,
     description: str = "read-out",
+    shards: ShardStore | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run one forward pass per prompt and return the read-out tensors (all on CPU, float32).
 
@@ -135,89 +279,36 @@ def extract(
       greedy_token (N,): argmax over the full vocabulary; prompt_tokens (N,).
     Option columns past a question's own option count are set to -inf.
 
+    With ``shards``, every ``settings.shard_batches`` batches are written as one shard file, and the
+    rows of shards already on disk (from an interrupted run) are loaded instead of computed.
+
     NOTE: the official DACA code reads vLLM's top-4 log-probabilities instead of logits. The two
     differ by one constant per question, so the softmax over the options is the same.
     """
-    parts = find_parts(model)
-    device = next(model.parameters()).device
-    option_index = torch.tensor(list(option_ids), device=device)
-    n_layers = len(parts.layers)
-    n_prompts, k_max = len(prompts), len(option_ids)
+    lengths = token_lengths(tokenizer, prompts, add_special_tokens)
+    order = batch_order(lengths, settings)
+    reader = LensReader(model, tokenizer, option_ids, settings, add_special_tokens)
+    out = allocate(len(prompts), reader.n_layers, len(option_ids), settings)
 
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # the answer position is then the last column of every row
-
-    lengths = [len(tokenizer.encode(p, add_special_tokens=add_special_tokens)) for p in prompts]
-    order = sorted(range(n_prompts), key=lambda i: -lengths[i]) if settings.sort_by_length else list(range(n_prompts))
-
-    out = {
-        "final_option_logits": torch.empty(n_prompts, k_max),
-        "final_logsumexp": torch.empty(n_prompts),
-        "greedy_token": torch.empty(n_prompts, dtype=torch.long),
-        "prompt_tokens": torch.tensor(lengths, dtype=torch.long),
-    }
-    if settings.lens:
-        out["lens_option_logits"] = torch.empty(n_prompts, n_layers, k_max)
-        if settings.full_vocab_lse:
-            out["lens_logsumexp"] = torch.empty(n_prompts, n_layers)
-        if int(settings.topk) > 0:
-            out["lens_topk_logits"] = torch.empty(n_prompts, n_layers, int(settings.topk))
-            out["lens_topk_ids"] = torch.empty(n_prompts, n_layers, int(settings.topk), dtype=torch.int32)
-
-    captured: list[torch.Tensor] = []
-
-    def keep_last_position(_module, _inputs, output):
-        captured.append(_layer_output(output)[:, -1, :])  # (B, D): only the answer position is kept
-
-    hooks = [layer.register_forward_hook(keep_last_position) for layer in parts.layers] if settings.lens else []
-    try:
-        batches = [order[i : i + settings.batch_size] for i in range(0, n_prompts, settings.batch_size)]
-        for batch in tqdm(batches, desc=description, unit="batch", leave=False):
-            captured.clear()
-            encoded = tokenizer(
-                [prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
-            ).to(device)
-            # Positions must ignore the left padding, or a padded row would see shifted rotary positions.
-            position_ids = (encoded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=encoded["input_ids"],
-                attention_mask=encoded["attention_mask"],
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=1,
-            ).logits[:, -1, :].float()  # (B, V)
+    done: set[int] = set()
+    if shards is not None:
+        shards.prepare()
+        finished = shards.load()
+        fill_from_shards(out, finished)
+        done = finished_rows(finished)
+        if done:
+            log.info("%s: resuming, %d of %d questions loaded from %d shards in %s", description, len(done), len(prompts), len(finished), shards.folder)
+    todo = [i for i in order if i not in done]
+    batches = chunks(todo, int(settings.batch_size))
+    shard_rows: list[int] = []
+    with reader:
+        for number, batch in enumerate(tqdm(batches, desc=description, unit="batch", leave=False), start=1):
             rows = torch.tensor(batch)
-            out["final_option_logits"][rows] = logits[:, option_index].cpu()
-            out["final_logsumexp"][rows] = torch.logsumexp(logits, dim=-1).cpu()
-            out["greedy_token"][rows] = logits.argmax(dim=-1).cpu()
-            if settings.lens:
-                if len(captured) != n_layers:
-                    raise LensError(f"captured {len(captured)} layer outputs, expected {n_layers}; a layer ran twice or not at all.")
-                normed = parts.final_norm(torch.stack(captured, dim=1))  # (B, L, D)
-                if settings.full_vocab_lse:
-                    lens_logits = _softcap(parts.unembed(normed).float(), parts.softcap)  # (B, L, V)
-                    out["lens_option_logits"][rows] = lens_logits[..., option_index].cpu()
-                    out["lens_logsumexp"][rows] = torch.logsumexp(lens_logits, dim=-1).cpu()
-                    if int(settings.topk) > 0:
-                        top = torch.topk(lens_logits, int(settings.topk), dim=-1)
-                        out["lens_topk_logits"][rows] = top.values.cpu()
-                        out["lens_topk_ids"][rows] = top.indices.to(torch.int32).cpu()
-                else:
-                    # Only the K option rows of the unembedding: (B, L, D) @ (D, K).
-                    option_logits = nn.functional.linear(normed, parts.unembed.weight[option_index], _bias_rows(parts.unembed, option_index))
-                    out["lens_option_logits"][rows] = _softcap(option_logits.float(), parts.softcap).cpu()
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-    # Columns beyond each question's option count are not options of that question.
-    counts = torch.tensor(list(n_options), dtype=torch.long)
-    absent = torch.arange(k_max)[None, :] >= counts[:, None]  # (N, K)
-    out["final_option_logits"][absent] = float("-inf")
-    if settings.lens:
-        out["lens_option_logits"][absent[:, None, :].expand(-1, n_layers, -1)] = float("-inf")
-    out["n_options"] = counts
-    is_option = (out["greedy_token"][:, None] == torch.tensor(list(option_ids))[None, :]) & ~absent  # (N, K)
-    out["greedy_is_option"] = is_option.any(dim=-1)
-    return out
+            for name, values in reader.read_batch([prompts[i] for i in batch]).items():
+                out[name][rows] = values
+            shard_rows += batch
+            if shards is not None and (number % int(settings.shard_batches) == 0 or number == len(batches)):
+                index = torch.tensor(shard_rows)
+                shards.write(index, {name: values[index] for name, values in out.items()})
+                shard_rows = []
+    return finalize(out, lengths, option_ids, n_options)

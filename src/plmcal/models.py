@@ -16,6 +16,18 @@ from plmcal import assets
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Placement strategies of accelerate that transformers' from_pretrained accepts as device_map.
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _valid_device_map(value: str) -> bool:
+    if value in DEVICE_MAP_STRATEGIES:
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return True
 
 
 class ModelSpecError(ValueError):
@@ -56,6 +68,11 @@ class ModelSpec:
         if spec.num_layers is not None and (not isinstance(spec.num_layers, int) or spec.num_layers < 1):
             raise ModelSpecError(
                 f"model {spec.name!r}: num_layers={spec.num_layers!r} is invalid; use the checkpoint's num_hidden_layers or null."
+            )
+        if spec.device_map is not None and not _valid_device_map(spec.device_map):
+            raise ModelSpecError(
+                f"model {spec.name!r}: device_map={spec.device_map!r} is invalid; use one of {list(DEVICE_MAP_STRATEGIES)}, "
+                "a device such as 'cuda:0', or null to load onto `device`."
             )
         if spec.dtype not in DTYPES:
             raise ModelSpecError(f"model {spec.name!r}: dtype={spec.dtype!r} is invalid; use one of {sorted(DTYPES)}.")
@@ -157,6 +174,9 @@ def load(spec: ModelSpec, cache_dir: str | None = None, device: str = "cpu") -> 
 
     log.info("Loading %s (%s, %s)", spec.name, spec.source, spec.dtype)
     tokenizer = load_tokenizer(spec, cache_dir)
+    # NOTE: device_map="auto" over several GPUs (accelerate places the layers, the lens follows them to the
+    # final norm's device) is checked here only through the kwargs passed to from_pretrained; it was not run
+    # on a multi-GPU machine.
     model = _from_pretrained(AutoModelForCausalLM, spec, cache_dir, dtype=DTYPES[spec.dtype], device_map=spec.device_map)
     if spec.adapter:
         from peft import PeftModel

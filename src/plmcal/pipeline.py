@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import time
@@ -11,10 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from plmcal import data, lens, losses, metrics, models
+from plmcal import data, lens, losses, metrics, models, predict
 from plmcal.cache import ReadoutCache
 from plmcal.module import FittedCalibrator, changes_predictions, fit_calibrator
 from plmcal.prompt import PromptSpec, build_prompts, split_fewshot
+from plmcal.shards import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +174,12 @@ def read_out(
     dataset_key: dict,
     cache_dir: str | None,
     device: str,
-) -> Readout:
-    """Return the model's read-out on ``rows``, from the cache or from one forward pass per question."""
+) -> Readout | None:
+    """Return the model's read-out on ``rows``, from the cache or from one forward pass per question.
+
+    Finished shards of an interrupted read-out are reused. Returns None on the non-zero ranks of a
+    multi-process read-out (``readout.engine=lightning`` with strategy ddp), where rank 0 saves the entry.
+    """
     key = {
         "model": spec.name,
         "weights": spec.identity(cache_dir),
@@ -185,28 +191,57 @@ def read_out(
         "readout": settings.key(),
         "libraries": library_versions(),
     }
-    tensors = cache.load(key)
+    # Ranks of a multi-process read-out must all reach the predict loop, so they cannot queue on the lock.
+    multi_rank = settings.engine == "lightning" and int(settings.devices) > 1
+    with contextlib.nullcontext() if multi_rank else cache.lock(key):
+        tensors = cache.load(key)
+        if tensors is None:
+            tensors = _compute(spec, rows, exemplars, prompt, option_ids, settings, cache, key, dataset_key, cache_dir, device)
     if tensors is None:
-        model, tokenizer = models.load(spec, cache_dir, device)
-        try:
-            prompts = build_prompts(tokenizer, rows, prompt, exemplars)
-            started = time.perf_counter()
-            tensors = lens.extract(
-                model,
-                tokenizer,
-                prompts,
-                option_ids,
-                [len(row.options) for row in rows],
-                settings,
-                add_special_tokens=not prompt.chat_template,  # a chat template already inserts BOS
-                description=f"{spec.name} on {dataset_key['name']}",
-            )
-            seconds = time.perf_counter() - started
-            log.info("%s: %d questions read out in %.1f s (%.2f questions/s)", spec.name, len(rows), seconds, len(rows) / seconds)
-            cache.save(key, tensors, extra={"seconds": seconds, "model": models.describe(model), "option_ids": option_ids})
-        finally:
-            models.release(model)
+        return None  # a non-zero rank of a multi-process read-out: rank 0 merges and saves
     return Readout(spec, tensors, option_ids, key)
+
+
+def _compute(
+    spec: models.ModelSpec,
+    rows: list[data.MCQuestion],
+    exemplars: list[data.MCQuestion],
+    prompt: PromptSpec,
+    option_ids: list[int],
+    settings: lens.ReadoutSettings,
+    cache: ReadoutCache,
+    key: dict,
+    dataset_key: dict,
+    cache_dir: str | None,
+    device: str,
+) -> dict[str, torch.Tensor] | None:
+    """Load the model, read it out (resuming from finished shards) and save the cache entry."""
+    shards = ShardStore(cache.shard_dir(key), key)
+    model, tokenizer = models.load(spec, cache_dir, device)
+    try:
+        prompts = build_prompts(tokenizer, rows, prompt, exemplars)
+        extract = lens.extract if settings.engine == "loop" else predict.extract
+        started = time.perf_counter()
+        tensors = extract(
+            model,
+            tokenizer,
+            prompts,
+            option_ids,
+            [len(row.options) for row in rows],
+            settings,
+            add_special_tokens=not prompt.chat_template,  # a chat template already inserts BOS
+            description=f"{spec.name} on {dataset_key['name']}",
+            shards=shards,
+        )
+        seconds = time.perf_counter() - started
+        if tensors is None:
+            return None  # a non-zero rank: its shards are written, rank 0 merges them
+        log.info("%s: %d questions read out in %.1f s (%.2f questions/s)", spec.name, len(rows), seconds, len(rows) / seconds)
+        cache.save(key, tensors, extra={"seconds": seconds, "model": models.describe(model), "option_ids": option_ids})
+        shards.remove()
+    finally:
+        models.release(model)
+    return tensors
 
 
 def option_mass(tensors: dict[str, torch.Tensor]) -> torch.Tensor:

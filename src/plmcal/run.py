@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ from plmcal.module import validate_method
 from plmcal.prompt import PromptSpec
 
 log = logging.getLogger(__name__)
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml share their names with the plugins'
+# schemas, so Hydra validates them against those schemas and warns that this matching is deprecated.
+# The files set _target_ and every field themselves, so they also work once Hydra drops the matching.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema with the same name.*")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
@@ -99,10 +105,16 @@ def load_readouts(cfg: DictConfig, prompt: PromptSpec, plm_spec: models.ModelSpe
     for role, spec in (("plm", plm_spec), ("polm", polm_spec)):
         if settings.dtype != spec.dtype:
             settings = lens.ReadoutSettings(**{**settings.__dict__, "dtype": spec.dtype})
+        if settings.engine == "lightning" and spec.device_map is not None:
+            raise ConfigError(
+                f"readout.engine=lightning places the model itself, but {spec.name} sets device_map={spec.device_map!r}; "
+                "use readout.engine=loop for a model split over devices."
+            )
         readouts[role] = pipeline.read_out(
             spec, rows, exemplars, prompt, option_ids[spec.name], settings, cache, dataset_key, cache_dir, cfg.device
         )
-        pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
+        if readouts[role] is not None:  # None on the non-zero ranks of a multi-process read-out
+            pipeline.check_finite(readouts[role], cfg.dataset.name, rows)
 
     return rows, readouts
 
@@ -152,8 +164,11 @@ def run_diagnosis(cfg: DictConfig, readouts: dict[str, pipeline.Readout], labels
     return write_diagnosis(diagnosis, run_dir / "diagnosis", title=f"({cfg.dataset.name})")
 
 
-def run_job(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``."""
+def run_job(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """Run one (pair, dataset, prompt, method) cell and write its result files into ``run_dir``.
+
+    Returns None on the non-zero ranks of a multi-process read-out, which stop after their shards.
+    """
     started = time.perf_counter()
     cache_dir = cfg.paths.cache_dir
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
@@ -199,7 +214,12 @@ def run_job(cfg: DictConfig, run_dir: Path) -> dict:
         )
 
     rows, readouts = load_readouts(cfg, prompt, plm_spec, polm_spec)
+    if any(readout is None for readout in readouts.values()):
+        # A non-zero rank of readout.engine=lightning with strategy=ddp: its shards are written, rank 0 fits.
+        log.info("This rank wrote its read-out shards; rank 0 continues the job.")
+        return None
     ensemble = load_cape_ensemble(cfg, prompt, polm_spec, method, readouts["polm"]) if method.get("ensemble") == "cape" else None
+
     labels = torch.tensor([row.gold for row in rows])
     diagnosis_paths = run_diagnosis(cfg, readouts, labels, run_dir)
     wandb_run = start_wandb(cfg, run_dir)
@@ -274,8 +294,15 @@ def main(cfg: DictConfig) -> float:
         if not _is_multirun():
             raise
         return float("nan")
+    if result is None:
+        return float("nan")
     return result["test"]["ece"]  # the value an hparams sweeper would minimise
 
 
 if __name__ == "__main__":
-    main()
+    # Call main through the importable module: launchers that pickle the task function (joblib,
+    # submitit) then pickle a reference to plmcal.run.main, and importing plmcal.run in the worker
+    # registers the config resolvers. A function of __main__ would be pickled by value without them.
+    from plmcal.run import main as importable_main
+
+    importable_main()
