@@ -42,7 +42,7 @@ def test_pdl_histogram_total(result):
 
 
 def test_pdl_never_first_layer(result):
-    # l* is taken over layers 2..L (1-based), so layer 1 never holds a question.
+    # l* is taken over layers 2..L (1-based), so layer 1 never contains a question.
     histogram = result["summary"]["pdl_histogram"]
     assert histogram["agree"][0] == histogram["disagree"][0] == 0
 
