@@ -126,3 +126,33 @@ def test_scalar_metrics(result):
     flat = diagnosis.scalar_metrics(result["summary"])
     assert flat["diag/process_drift"] == result["summary"]["counts"]["process_drift"]
     assert all(key.startswith("diag/") for key in flat)
+
+
+class RecordingRun:
+    """Stands in for a wandb run: keeps what log() receives and the summary."""
+
+    def __init__(self):
+        self.logged: dict = {}
+        self.summary: dict = {}
+
+    def log(self, payload: dict) -> None:
+        self.logged |= payload
+
+
+def test_wandb_payload(result, pair, tmp_path):
+    # The run's W&B payload carries the diagnosis figures as images and its scalars under diag/.
+    import wandb
+
+    from helpers import DACA_LBFGS
+    from plmcal import report
+    from plmcal.run import log_to_wandb
+
+    plm, polm, labels = pair
+    job = pipeline.run_calibration(DACA_LBFGS, plm, polm, labels, {"test_size": 0.7, "seed": 1}, seed=0)
+    report.write_job(job, tmp_path)
+    paths = diagnosis.write_diagnosis(result, tmp_path / "diagnosis")
+    run = RecordingRun()
+    log_to_wandb(run, job, tmp_path, paths)
+    assert all(isinstance(run.logged[f"diagnosis/{name}"], wandb.Image) for name in diagnosis.FIGURES)
+    assert run.summary["diag/process_drift"] == result["summary"]["counts"]["process_drift"]
+    assert "test/ece" in run.summary

@@ -220,3 +220,8 @@ def test_multimodal_gemma3_lens(daca_prompt, rows):
     assert len(lens.find_parts(model).layers) == TINY_LAYERS
     out, _, _ = read(model, make_char_tokenizer(), daca_prompt, rows, batch_size=6)
     assert_close(out["lens_option_logits"][:, -1], out["final_option_logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_logsumexp_matches_torch():
+    logits = torch.randn(6, 3, 262144, generator=torch.Generator().manual_seed(0)) * 8
+    assert_close(lens.vocab_logsumexp(logits), torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-5)

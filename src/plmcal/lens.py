@@ -117,6 +117,16 @@ class ReadoutSettings:
         return key
 
 
+def vocab_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last axis, computed as x_0 - log_softmax(x)_0.
+
+    Same value up to float rounding. On CPU, torch.logsumexp over a 262k vocabulary was 5x slower than
+    log_softmax (0.35 s against 0.07 s for 144 rows, torch 2.13, 2 cores): exp of the many very
+    negative shifted logits produces denormals, which log_softmax's kernel avoids.
+    """
+    return logits[..., 0] - torch.log_softmax(logits, dim=-1)[..., 0]
+
+
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
@@ -215,7 +225,7 @@ class LensReader:
         index = option_index.to(logits.device)
         out = {
             "final_option_logits": logits[:, index].cpu(),
-            "final_logsumexp": torch.logsumexp(logits, dim=-1).cpu(),
+            "final_logsumexp": vocab_logsumexp(logits).cpu(),
             "greedy_token": logits.argmax(dim=-1).cpu(),
         }
         if not settings.lens:
@@ -228,7 +238,7 @@ class LensReader:
         if settings.full_vocab_lse:
             lens_logits = _softcap(parts.unembed(normed.to(parts.unembed.weight.device)).float(), parts.softcap)  # (B, L, V)
             out["lens_option_logits"] = lens_logits[..., option_index].cpu()
-            out["lens_logsumexp"] = torch.logsumexp(lens_logits, dim=-1).cpu()
+            out["lens_logsumexp"] = vocab_logsumexp(lens_logits).cpu()
             if int(settings.topk) > 0:
                 top = torch.topk(lens_logits, int(settings.topk), dim=-1)
                 out["lens_topk_logits"] = top.values.cpu()
