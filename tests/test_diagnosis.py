@@ -149,6 +149,7 @@ def test_wandb_payload(result, pair, tmp_path):
 
     plm, polm, labels = pair
     job = pipeline.run_calibration(DACA_LBFGS, plm, polm, labels, {"test_size": 0.7, "seed": 1}, seed=0)
+    job |= {"pair": "synthetic", "dataset": "toy", "prompt": "toy@v1", "split_seed": 1, "n_layers": {"plm": LAYERS, "polm": LAYERS}}
     report.write_job(job, tmp_path)
     paths = diagnosis.write_diagnosis(result, tmp_path / "diagnosis")
     run = RecordingRun()
