@@ -396,7 +396,7 @@ def test_support_entropies_used():
 
 
 def test_full_vocab_rest_bin():
-    # The rest bin holds exactly the mass outside the options: softmax over the K + 1 bins equals
+    # The rest bin contains exactly the mass outside the options: softmax over the K + 1 bins equals
     # the option logits minus the full logsumexp.
     lens_logits = torch.tensor([[[1.0, 0.5, -1.0]]])
     lse = torch.tensor([[3.0]])

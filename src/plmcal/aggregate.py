@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from plmcal.report import METHOD_ORDER
+from plmcal.report import METHOD_ORDER, value_at
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +82,6 @@ class Group:
         return f"{self.method} [{self.setting}]" if self.setting else self.method
 
 
-def _get(result: dict, path: Sequence[str]) -> Any:
-    value: Any = result
-    for part in path:
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def setting_of(result: dict) -> str:
     """The overrides that tell this job's method setting apart (split choices and columns removed)."""
     kept = [o for o in result.get("overrides", []) if not o.startswith(SPLIT_OVERRIDES + COLUMN_OVERRIDES)]
@@ -96,7 +89,7 @@ def setting_of(result: dict) -> str:
 
 
 def load_jobs(run_dirs: Iterable[Path]) -> list[Job]:
-    """Every results.json under the given folders, with its predictions.npz when there is one."""
+    """Load every results.json under the given folders, with its predictions.npz when there is one."""
     jobs = []
     for run_dir in run_dirs:
         run_dir = Path(run_dir)
@@ -199,7 +192,7 @@ def summarize_group(group: Group, n_resamples: int = 1000, seed: int = 0) -> dic
     row: dict[str, Any] = {"pair": group.pair, "dataset": group.dataset, "prompt": group.prompt, "method": group.method,
                            "setting": group.setting, "n_jobs": len(group.jobs), "split_seeds": sorted(j.split_seed for j in group.jobs)}
     for header, path, scale in METRICS:
-        values = [v for v in (_get(job.result, path) for job in group.jobs) if isinstance(v, (int, float))]
+        values = [v for v in (value_at(job.result, path) for job in group.jobs) if isinstance(v, (int, float))]
         values = [float(v) * scale for v in values]
         row[header] = {
             "mean": float(np.mean(values)) if values else math.nan,

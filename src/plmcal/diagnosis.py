@@ -203,8 +203,8 @@ def scalar_metrics(summary: dict[str, Any]) -> dict[str, float]:
 def load_pair(overrides: list[str] | tuple[str, ...] = ()) -> tuple[Any, Readout, Readout, torch.Tensor]:
     """Compose conf/ with Hydra ``overrides`` and return (cfg, PLM read-out, PoLM read-out, labels).
 
-    The read-outs come from the cache when a job with the same pair, dataset and prompt ran before;
-    otherwise both models run once (minutes on a CPU for a full benchmark).
+    The read-outs come from the cache when a job with the same pair, dataset and prompt ran before.
+    Otherwise both models run once, which takes minutes on a CPU for a full benchmark.
     """
     from hydra import compose, initialize_config_dir
 

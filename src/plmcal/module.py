@@ -250,7 +250,7 @@ class FittedCalibrator:
 
 
 def build_optimizer(method: dict[str, Any], params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The configured optimiser; ``method.optimizer_kwargs`` passes extra settings (betas, momentum, ...)."""
+    """Build the configured optimiser; ``method.optimizer_kwargs`` passes extra settings (betas, momentum, ...)."""
     name, lr = method["optimizer"], float(method["lr"])
     kwargs = dict(method.get("optimizer_kwargs") or {})
     if name == "lbfgs":

@@ -47,10 +47,10 @@ PAIR_MODELS = {
     "deepseek-v2-lite": "DeepSeek-V2-Lite-Chat",
 }
 
-# Our method name -> the published method name (both DACA modes are the paper's "Ours").
+# Our method name -> the published method name (both DACA modes are "Ours" in the DACA paper).
 METHOD_NAMES = {"daca_faithful": "daca", "daca": "daca"}
 
-# (our aggregate header, published metric): the metrics both sides report, in the paper's order.
+# (our aggregate header, published metric): the metrics both sides report, in the DACA paper's column order.
 METRICS = [("ECE %", "ece_pct"), ("MCE %", "mce_pct"), ("AECE %", "aece_pct"), ("Brier", "brier"), ("NLL", "nll")]
 
 
@@ -76,7 +76,7 @@ def load_published(path: Path) -> list[dict[str, str]]:
 
 
 def published_cell(rows: list[dict[str, str]], model: str, dataset: str, method: str, metric: str) -> str:
-    """'value ± std' of the published row, '' when the paper has no such number."""
+    """'value ± std' of the published row, '' when the published table has no such number."""
     found = [r for r in rows if (r["model"], r["dataset"], r["method"], r["metric"]) == (model, dataset, method, metric)]
     if not found:
         return ""

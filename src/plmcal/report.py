@@ -6,7 +6,7 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -38,7 +38,8 @@ COLUMNS = [
 METHOD_ORDER = {"vanilla": 0, "daca_faithful": 1, "daca": 2, "match_all": 3, "dual_align": 4, "ts_oracle": 9}
 
 
-def _get(result: dict, path: tuple[str, ...]) -> Any:
+def value_at(result: dict, path: Sequence[str]) -> Any:
+    """Return the value at ``path`` in nested dicts, or None where a key is missing."""
     value: Any = result
     for part in path:
         value = value.get(part) if isinstance(value, dict) else None
@@ -54,7 +55,7 @@ def table_rows(results: Iterable[dict]) -> list[list[str]]:
         result = dict(result, overrides_text=" ".join(extra))
         row = []
         for _, path, scale in COLUMNS:
-            value = _get(result, path)
+            value = value_at(result, path)
             if scale is None or value is None:
                 row.append("" if value is None else str(value))
             else:

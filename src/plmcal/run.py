@@ -141,7 +141,7 @@ def load_cape_ensemble(cfg: DictConfig, prompt: PromptSpec, polm_spec: models.Mo
 
 
 def run_diagnosis(cfg: DictConfig, readouts: dict[str, pipeline.Readout], labels: torch.Tensor, run_dir: Path) -> dict[str, Path]:
-    """Write the drift diagnosis into ``run_dir/diagnosis`` when ``diagnosis.enabled`` asks for it."""
+    """Write the drift diagnosis into ``run_dir/diagnosis`` as ``diagnosis.enabled`` (auto, true, false) sets."""
     setting = cfg.get("diagnosis", {}).get("enabled", "auto")
     if setting not in (True, False, "auto"):
         raise ConfigError(f"diagnosis.enabled={setting!r} is invalid; use auto, true or false.")
